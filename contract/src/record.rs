@@ -1,0 +1,115 @@
+//! The `raw-data` message value: a reading plus its provenance.
+//!
+//! The agent writes the reading's five original fields exactly as received (strings verbatim,
+//! numbers in their shortest round-trip form) and adds `node_id` and `seq`:
+//! `{"device_id":"device123","timestamp":"2024-12-26T10:00:00Z","temperature":72.5,
+//! "humidity":55.2,"status":"OK","node_id":"pve-1","seq":1735207200000001}`.
+//! The Kafka key is `device_id`, so a device's records stay in one partition, in order.
+//!
+//! `(node_id, seq)` identifies a record end to end. `seq` is assigned by the agent's buffer in
+//! the same durable commit as the record, strictly increasing per node across restarts; every
+//! accepted record and every dead letter takes one, so a gap in what reaches S3 is a loss.
+
+use std::borrow::Cow;
+
+use serde::Serialize;
+
+use crate::reading::{parse_fields, string_field, u64_field};
+use crate::{Limits, Reading, RejectReason, Rejection};
+
+/// Where a record entered the pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Provenance<'a> {
+    /// The agent's node identity (unique per Proxmox node).
+    pub node_id: Cow<'a, str>,
+    /// The agent's per-node sequence number.
+    pub seq: u64,
+}
+
+/// A reading as it travels on `raw-data`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawRecord<'a> {
+    pub reading: Reading<'a>,
+    pub provenance: Provenance<'a>,
+}
+
+#[derive(Serialize)]
+struct Wire<'a> {
+    device_id: &'a str,
+    timestamp: &'a str,
+    temperature: f64,
+    humidity: f64,
+    status: &'a str,
+    node_id: &'a str,
+    seq: u64,
+}
+
+impl<'a> RawRecord<'a> {
+    /// Appends the JSON encoding to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let r = &self.reading;
+        let wire = Wire {
+            device_id: &r.device_id,
+            timestamp: &r.timestamp,
+            temperature: r.temperature,
+            humidity: r.humidity,
+            status: &r.status,
+            node_id: &self.provenance.node_id,
+            seq: self.provenance.seq,
+        };
+        // Writing plain strings and finite floats into a Vec cannot fail.
+        serde_json::to_writer(out, &wire).expect("serialising a RawRecord into memory is infallible");
+    }
+
+    /// The JSON encoding.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160);
+        self.write_json(&mut out);
+        out
+    }
+
+    /// Parses and re-validates a `raw-data` value (without time bounds: consumers have no
+    /// business second-guessing the agent's clock, and must stay deterministic on replay).
+    pub fn parse(value: &'a [u8], limits: &Limits) -> Result<Self, Rejection> {
+        let fields = parse_fields(value, limits)?;
+        let reading = fields.reading(limits)?;
+        let node_id = string_field("node_id", fields.node_id)?;
+        if node_id.is_empty() || node_id.len() > limits.max_device_id_bytes {
+            return Err(Rejection {
+                reason: RejectReason::FieldTooLong,
+                detail: format!("node_id must be 1..={} bytes", limits.max_device_id_bytes),
+            });
+        }
+        let seq = u64_field("seq", fields.seq)?;
+        Ok(RawRecord { reading, provenance: Provenance { node_id, seq } })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TimeBounds;
+
+    #[test]
+    fn round_trips_with_original_fields_and_provenance() {
+        let payload = br#"{"device_id":"device123","timestamp":"2024-12-26T10:00:00+00:00","temperature":72.5,"humidity":55.2,"status":"OK","fw":"x"}"#;
+        let reading = Reading::parse(payload, &Limits::default(), &TimeBounds::unbounded()).expect("valid");
+        let record = RawRecord { reading, provenance: Provenance { node_id: "pve-1".into(), seq: 42 } };
+        let json = record.to_json();
+        assert_eq!(
+            std::str::from_utf8(&json).expect("utf8"),
+            r#"{"device_id":"device123","timestamp":"2024-12-26T10:00:00+00:00","temperature":72.5,"humidity":55.2,"status":"OK","node_id":"pve-1","seq":42}"#
+        );
+        let back = RawRecord::parse(&json, &Limits::default()).expect("valid raw record");
+        assert_eq!(back, record);
+    }
+
+    #[test]
+    fn provenance_is_required_on_raw_data() {
+        let payload = br#"{"device_id":"d","timestamp":"2024-12-26T10:00:00Z","temperature":1,"humidity":2,"status":"OK","node_id":"n"}"#;
+        let err = RawRecord::parse(payload, &Limits::default()).expect_err("seq missing");
+        assert_eq!(err.reason, RejectReason::MissingField);
+        let payload = br#"{"device_id":"d","timestamp":"2024-12-26T10:00:00Z","temperature":1,"humidity":2,"status":"OK","node_id":"n","seq":-1}"#;
+        assert_eq!(RawRecord::parse(payload, &Limits::default()).expect_err("negative").reason, RejectReason::WrongType);
+    }
+}
