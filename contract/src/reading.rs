@@ -240,7 +240,8 @@ pub(crate) fn parse_fields<'a>(payload: &'a [u8], limits: &Limits) -> Result<Fie
             Err(e) => Rejection::new(RejectReason::BadJson, e.to_string()),
         });
     }
-    let fields: Fields<'a> = serde_json::from_str(text).map_err(|e| Rejection::new(RejectReason::BadJson, e.to_string()))?;
+    let fields: Fields<'a> =
+        serde_json::from_str(text).map_err(|e| Rejection::new(RejectReason::BadJson, e.to_string()))?;
     if let Some(name) = fields.duplicate {
         return Err(Rejection::new(RejectReason::DuplicateField, format!("field `{name}` appears more than once")));
     }
@@ -296,7 +297,11 @@ pub(crate) fn string_field<'a>(name: &'static str, raw: Option<&'a RawValue>) ->
     })
 }
 
-fn bounded_string_field<'a>(name: &'static str, raw: Option<&'a RawValue>, max: usize) -> Result<Cow<'a, str>, Rejection> {
+fn bounded_string_field<'a>(
+    name: &'static str,
+    raw: Option<&'a RawValue>,
+    max: usize,
+) -> Result<Cow<'a, str>, Rejection> {
     let value = string_field(name, raw)?;
     if value.len() > max {
         return Err(Rejection::new(
@@ -323,9 +328,8 @@ fn number_field(name: &'static str, raw: Option<&RawValue>) -> Result<f64, Rejec
 
 pub(crate) fn u64_field(name: &'static str, raw: Option<&RawValue>) -> Result<u64, Rejection> {
     let raw = required(name, raw)?;
-    serde_json::from_str::<u64>(raw.get()).map_err(|_| {
-        Rejection::new(RejectReason::WrongType, format!("field `{name}` must be an unsigned integer"))
-    })
+    serde_json::from_str::<u64>(raw.get())
+        .map_err(|_| Rejection::new(RejectReason::WrongType, format!("field `{name}` must be an unsigned integer")))
 }
 
 impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
@@ -372,8 +376,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
 mod tests {
     use super::*;
 
-    const REFERENCE: &str =
-        r#"{"device_id": "device123", "timestamp": "2024-12-26T10:00:00Z", "temperature": 72.5, "humidity": 55.2, "status": "OK"}"#;
+    const REFERENCE: &str = r#"{"device_id": "device123", "timestamp": "2024-12-26T10:00:00Z", "temperature": 72.5, "humidity": 55.2, "status": "OK"}"#;
 
     fn parse(payload: &str) -> Result<Reading<'_>, Rejection> {
         Reading::parse(payload.as_bytes(), &Limits::default(), &TimeBounds::unbounded())
@@ -430,7 +433,9 @@ mod tests {
         assert_eq!(reason(&ok("\"device123\"", "\"a\\nb\"")), RejectReason::BadDeviceId);
         assert_eq!(reason(&ok("\"OK\"", &format!("\"{}\"", "x".repeat(65)))), RejectReason::FieldTooLong);
         assert_eq!(
-            reason(r#"{"device_id":"a","device_id":"b","timestamp":"2024-12-26T10:00:00Z","temperature":1,"humidity":2,"status":"OK"}"#),
+            reason(
+                r#"{"device_id":"a","device_id":"b","timestamp":"2024-12-26T10:00:00Z","temperature":1,"humidity":2,"status":"OK"}"#
+            ),
             RejectReason::DuplicateField
         );
     }

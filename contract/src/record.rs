@@ -110,6 +110,9 @@ mod tests {
         let err = RawRecord::parse(payload, &Limits::default()).expect_err("seq missing");
         assert_eq!(err.reason, RejectReason::MissingField);
         let payload = br#"{"device_id":"d","timestamp":"2024-12-26T10:00:00Z","temperature":1,"humidity":2,"status":"OK","node_id":"n","seq":-1}"#;
-        assert_eq!(RawRecord::parse(payload, &Limits::default()).expect_err("negative").reason, RejectReason::WrongType);
+        assert_eq!(
+            RawRecord::parse(payload, &Limits::default()).expect_err("negative").reason,
+            RejectReason::WrongType
+        );
     }
 }

@@ -55,7 +55,12 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves the endpoint until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>, status: Arc<dyn Status>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    status: Arc<dyn Status>,
+    shutdown: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
