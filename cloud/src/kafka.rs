@@ -159,7 +159,10 @@ impl ConsumerContext for StageContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                self.events.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Assignment::Assigned(list(tpl)));
+                self.events
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(Assignment::Assigned(list(tpl)));
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(error) => tracing::warn!(stage = ?self.stage, %error, "rebalance failed"),
@@ -186,22 +189,27 @@ pub fn subscribe(
     let consumer: StageConsumer = consumer_config(settings, group)
         .create_with_context(context)
         .map_err(|source| KafkaSetupError::Client { what: "consumer", source })?;
-    consumer
-        .subscribe(topics)
-        .map_err(|source| KafkaSetupError::Subscribe { topics: topics.iter().map(|t| (*t).to_owned()).collect(), source })?;
+    consumer.subscribe(topics).map_err(|source| KafkaSetupError::Subscribe {
+        topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+        source,
+    })?;
     Ok(Arc::new(consumer))
 }
 
 /// The number of partitions of `topic`.
-pub fn partition_count<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
+pub fn partition_count(
+    consumer: &impl Consumer<StageContext>,
     topic: &str,
     timeout: Duration,
 ) -> Result<usize, KafkaSetupError> {
     let md = consumer
         .fetch_metadata(Some(topic), timeout)
         .map_err(|source| KafkaSetupError::Metadata { topic: topic.to_owned(), source })?;
-    let t = md.topics().iter().find(|t| t.name() == topic).ok_or_else(|| KafkaSetupError::MissingTopic(topic.to_owned()))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| KafkaSetupError::MissingTopic(topic.to_owned()))?;
     if t.error().is_some() || t.partitions().is_empty() {
         return Err(KafkaSetupError::MissingTopic(topic.to_owned()));
     }
@@ -232,13 +240,20 @@ impl ControlProducer {
         let mut config = producer_config(settings);
         // Checkpoints can be large; never hold them back for batching.
         config.set("linger.ms", "0");
-        let producer = config.create().map_err(|source| KafkaSetupError::Client { what: "control producer", source })?;
+        let producer =
+            config.create().map_err(|source| KafkaSetupError::Client { what: "control producer", source })?;
         Ok(Self { producer })
     }
 
     /// Appends a control record to `topic`/`partition` and returns its offset once Kafka
     /// acknowledged it.
-    pub async fn append(&self, topic: &str, partition: i32, kind: ControlKind, value: &[u8]) -> Result<i64, KafkaError> {
+    pub async fn append(
+        &self,
+        topic: &str,
+        partition: i32,
+        kind: ControlKind,
+        value: &[u8],
+    ) -> Result<i64, KafkaError> {
         let headers = OwnedHeaders::new().insert(Header { key: control::HEADER, value: Some(kind.as_str()) });
         let record = FutureRecord::<(), [u8]>::to(topic).partition(partition).payload(value).headers(headers);
         match self.producer.send(record, Duration::from_secs(30)).await {
@@ -305,4 +320,22 @@ pub fn describe(partitions: &[(String, i32)]) -> String {
         .collect();
     parts.sort();
     parts.join(" ")
+}
+
+/// Leaves the group and destroys the consumer, waiting at most 10 seconds.
+///
+/// With tansu 0.6, librdkafka's destroy can hang after the group was left (a broker thread
+/// never joins; see `tests/tansu_capabilities.rs`). The group is left first, which is what
+/// matters to the other members; the rest runs on its own thread and is abandoned if it hangs
+/// (the process is about to exit, or the test moves on).
+pub async fn close(consumer: Arc<StageConsumer>) {
+    consumer.unsubscribe();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("consumer-close".into()).spawn(move || {
+        drop(consumer);
+        let _ = tx.send(());
+    });
+    if spawned.is_ok() && tokio::time::timeout(Duration::from_secs(10), rx).await.is_err() {
+        tracing::warn!("the Kafka consumer did not close within 10s; abandoning it");
+    }
 }

@@ -1,0 +1,577 @@
+//! `verify`: reads every Parquet object under the prefix and proves (or disproves) that every
+//! record is there exactly once and that the aggregates add up.
+//!
+//! Per node, from the `filtered`, `rejected` and `deadletter` families (every `seq` an agent
+//! assigned lands in exactly one of them): records present, smallest and largest `seq`, the
+//! missing ranges between them, and duplicates. A dead letter with reason `buffer_created`
+//! (the agent started a new buffer) starts a new range: the gap before it is not counted as
+//! missing. Numbers before a node's first `seq` in S3 cannot be known here; the end-to-end
+//! tests compare against what the devices sent.
+//!
+//! Aggregates: the per-minute windows are recomputed from the filtered readings, per device
+//! and across all devices, and compared with the `aggregated` rows of the same (device,
+//! minute) summed over every file (main and late rows): counts and min/max exactly, sums with a
+//! relative tolerance of 1e-9 (float addition depends on order).
+//!
+//! The JSON form (`--json`) is stable; `docs/aggregator.md` documents it. The exit status is 0
+//! when nothing is missing, duplicated or mismatched, 1 otherwise.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int64Type, TimestampMillisecondType};
+use arrow_array::{Array, RecordBatch};
+use edgeflow_contract::MarkerKind;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::Serialize;
+
+use crate::process::window::window_start;
+use crate::processed::Sums;
+use crate::s3::{S3, S3Error};
+use crate::sink::state::Family;
+
+/// Most individual duplicates, missing ranges and mismatches listed per report (counts are
+/// always complete).
+pub const LIST_LIMIT: usize = 100;
+
+/// The verdict.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Report {
+    /// No record missing, none duplicated, every aggregate matches, every object readable.
+    pub ok: bool,
+    pub bucket: String,
+    pub prefix: String,
+    /// Parquet objects read.
+    pub objects: usize,
+    /// Manifests seen.
+    pub manifests: usize,
+    /// Rows per family.
+    pub rows: BTreeMap<String, u64>,
+    pub totals: Totals,
+    pub nodes: Vec<NodeReport>,
+    pub aggregates: AggregateCheck,
+    /// Dead letters without `(node_id, seq)` (unparseable raw records, foreign values).
+    pub unattributed_deadletters: u64,
+    /// Objects that could not be read or lack a column.
+    pub errors: Vec<String>,
+}
+
+/// Sums over nodes.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Totals {
+    pub records: u64,
+    pub missing: u64,
+    pub duplicates: u64,
+}
+
+/// One node's accounting.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct NodeReport {
+    pub node_id: String,
+    /// Distinct `seq`s present.
+    pub records: u64,
+    pub filtered: u64,
+    pub rejected: u64,
+    pub deadletter: u64,
+    pub min_seq: i64,
+    pub max_seq: i64,
+    /// `buffer_created` markers (each starts a new range).
+    pub buffers: u64,
+    /// Missing `seq`s, as inclusive `[first, last]` ranges (at most [`LIST_LIMIT`]).
+    pub missing: Vec<[i64; 2]>,
+    pub missing_count: u64,
+    /// `seq`s present more than once (at most [`LIST_LIMIT`]).
+    pub duplicates: Vec<i64>,
+    /// Extra copies in total.
+    pub duplicate_count: u64,
+}
+
+/// The aggregate check.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct AggregateCheck {
+    /// (device or all-devices, minute) windows compared.
+    pub windows_checked: u64,
+    pub mismatch_count: u64,
+    /// At most [`LIST_LIMIT`].
+    pub mismatches: Vec<Mismatch>,
+}
+
+/// One window whose aggregate does not match its readings.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Mismatch {
+    /// `null` for the all-devices window.
+    pub device_id: Option<String>,
+    /// RFC 3339 start of the minute.
+    pub window_start: String,
+    /// Recomputed from the filtered readings (`null`: no readings).
+    pub expected: Option<WindowValues>,
+    /// From the aggregated rows (`null`: no row).
+    pub found: Option<WindowValues>,
+}
+
+/// Window values as compared.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct WindowValues {
+    pub count: u64,
+    pub temperature_sum: f64,
+    pub temperature_min: f64,
+    pub temperature_max: f64,
+    pub humidity_sum: f64,
+}
+
+impl From<Sums> for WindowValues {
+    fn from(s: Sums) -> Self {
+        Self {
+            count: s.count,
+            temperature_sum: s.temperature_sum,
+            temperature_min: s.temperature_min,
+            temperature_max: s.temperature_max,
+            humidity_sum: s.humidity_sum,
+        }
+    }
+}
+
+/// Accumulates rows, then judges.
+#[derive(Debug, Default)]
+pub struct Collector {
+    objects: usize,
+    manifests: usize,
+    rows: BTreeMap<String, u64>,
+    /// node → (seq, family) for every row with provenance.
+    seqs: BTreeMap<String, Vec<(i64, Family)>>,
+    /// node → seqs of `buffer_created` markers.
+    markers: BTreeMap<String, BTreeSet<i64>>,
+    unattributed: u64,
+    expected: BTreeMap<(Option<String>, i64), Sums>,
+    found: BTreeMap<(Option<String>, i64), Sums>,
+    errors: Vec<String>,
+}
+
+fn int_column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a arrow_array::Int64Array, String> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_primitive_opt::<Int64Type>())
+        .ok_or_else(|| format!("column {name} missing or not INT64"))
+}
+
+fn float_column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a arrow_array::Float64Array, String> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_primitive_opt::<Float64Type>())
+        .ok_or_else(|| format!("column {name} missing or not DOUBLE"))
+}
+
+fn ts_column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a arrow_array::TimestampMillisecondArray, String> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_primitive_opt::<TimestampMillisecondType>())
+        .ok_or_else(|| format!("column {name} missing or not TIMESTAMP(MILLIS)"))
+}
+
+fn str_column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a arrow_array::StringArray, String> {
+    b.column_by_name(name)
+        .and_then(|c| c.as_string_opt::<i32>())
+        .ok_or_else(|| format!("column {name} missing or not a string"))
+}
+
+impl Collector {
+    /// Counts a manifest.
+    pub fn manifest(&mut self) {
+        self.manifests += 1;
+    }
+
+    /// Reads one Parquet object of `family`.
+    pub fn object(&mut self, key: &str, family: Family, bytes: bytes::Bytes) {
+        self.objects += 1;
+        if let Err(e) = self.read(family, bytes) {
+            self.errors.push(format!("{key}: {e}"));
+        }
+    }
+
+    fn read(&mut self, family: Family, bytes: bytes::Bytes) -> Result<(), String> {
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(bytes).and_then(|b| b.build()).map_err(|e| e.to_string())?;
+        for batch in reader {
+            let b = batch.map_err(|e| e.to_string())?;
+            *self.rows.entry(family.as_str().to_owned()).or_default() += b.num_rows() as u64;
+            match family {
+                Family::Filtered | Family::Rejected => {
+                    let (node, seq) = (str_column(&b, "NodeId")?, int_column(&b, "Seq")?);
+                    for i in 0..b.num_rows() {
+                        self.seqs.entry(node.value(i).to_owned()).or_default().push((seq.value(i), family));
+                    }
+                    if family == Family::Filtered {
+                        let (device, ts) = (str_column(&b, "DeviceId")?, ts_column(&b, "Timestamp")?);
+                        let (t, h) = (float_column(&b, "Temperature")?, float_column(&b, "Humidity")?);
+                        for i in 0..b.num_rows() {
+                            let w = window_start(ts.value(i));
+                            for key in [(Some(device.value(i).to_owned()), w), (None, w)] {
+                                self.expected.entry(key).or_default().merge(&Sums::of(t.value(i), h.value(i)));
+                            }
+                        }
+                    }
+                }
+                Family::Deadletter => {
+                    let (node, seq, reason) =
+                        (str_column(&b, "NodeId")?, int_column(&b, "Seq")?, str_column(&b, "Reason")?);
+                    for i in 0..b.num_rows() {
+                        if node.is_null(i) || seq.is_null(i) {
+                            self.unattributed += 1;
+                            continue;
+                        }
+                        let n = node.value(i).to_owned();
+                        if reason.value(i) == MarkerKind::BufferCreated.as_str() {
+                            self.markers.entry(n.clone()).or_default().insert(seq.value(i));
+                        }
+                        self.seqs.entry(n).or_default().push((seq.value(i), family));
+                    }
+                }
+                Family::Aggregated => {
+                    let (ts, device, count) =
+                        (ts_column(&b, "Timestamp")?, str_column(&b, "DeviceId")?, int_column(&b, "Count")?);
+                    let (tsum, tmin, tmax, hsum) = (
+                        float_column(&b, "TemperatureSum")?,
+                        float_column(&b, "TemperatureMin")?,
+                        float_column(&b, "TemperatureMax")?,
+                        float_column(&b, "HumiditySum")?,
+                    );
+                    for i in 0..b.num_rows() {
+                        let d = (!device.is_null(i)).then(|| device.value(i).to_owned());
+                        let s = Sums {
+                            count: u64::try_from(count.value(i)).unwrap_or(0),
+                            temperature_sum: tsum.value(i),
+                            temperature_min: tmin.value(i),
+                            temperature_max: tmax.value(i),
+                            humidity_sum: hsum.value(i),
+                        };
+                        self.found.entry((d, ts.value(i))).or_default().merge(&s);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Judges what was collected.
+    pub fn report(self, bucket: &str, prefix: &str) -> Report {
+        let mut nodes = Vec::new();
+        let mut totals = Totals::default();
+        for (node_id, mut rows) in self.seqs {
+            rows.sort_unstable_by_key(|(s, _)| *s);
+            let markers = self.markers.get(&node_id);
+            let mut n = NodeReport { node_id: node_id.clone(), ..NodeReport::default() };
+            n.min_seq = rows.first().map_or(0, |r| r.0);
+            n.max_seq = rows.last().map_or(0, |r| r.0);
+            n.buffers = markers.map_or(0, |m| m.len() as u64);
+            let mut prev: Option<i64> = None;
+            for (seq, family) in &rows {
+                match family {
+                    Family::Filtered => n.filtered += 1,
+                    Family::Rejected => n.rejected += 1,
+                    Family::Deadletter => n.deadletter += 1,
+                    Family::Aggregated => {}
+                }
+                match prev {
+                    Some(p) if p == *seq => {
+                        n.duplicate_count += 1;
+                        if n.duplicates.last() != Some(seq) && n.duplicates.len() < LIST_LIMIT {
+                            n.duplicates.push(*seq);
+                        }
+                        continue;
+                    }
+                    Some(p) if *seq > p + 1 && !markers.is_some_and(|m| m.contains(seq)) => {
+                        n.missing_count += (*seq - p - 1) as u64;
+                        if n.missing.len() < LIST_LIMIT {
+                            n.missing.push([p + 1, seq - 1]);
+                        }
+                    }
+                    _ => {}
+                }
+                n.records += 1;
+                prev = Some(*seq);
+            }
+            totals.records += n.records;
+            totals.missing += n.missing_count;
+            totals.duplicates += n.duplicate_count;
+            nodes.push(n);
+        }
+
+        let mut aggregates = AggregateCheck::default();
+        let keys: BTreeSet<&(Option<String>, i64)> = self.expected.keys().chain(self.found.keys()).collect();
+        for key in keys {
+            aggregates.windows_checked += 1;
+            let (e, f) = (self.expected.get(key), self.found.get(key));
+            if !matches!((e, f), (Some(e), Some(f)) if same(e, f)) {
+                aggregates.mismatch_count += 1;
+                if aggregates.mismatches.len() < LIST_LIMIT {
+                    aggregates.mismatches.push(Mismatch {
+                        device_id: key.0.clone(),
+                        window_start: chrono::DateTime::from_timestamp_millis(key.1)
+                            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                            .unwrap_or_default(),
+                        expected: e.copied().map(Into::into),
+                        found: f.copied().map(Into::into),
+                    });
+                }
+            }
+        }
+        let ok =
+            totals.missing == 0 && totals.duplicates == 0 && aggregates.mismatch_count == 0 && self.errors.is_empty();
+        Report {
+            ok,
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+            objects: self.objects,
+            manifests: self.manifests,
+            rows: self.rows,
+            totals,
+            nodes,
+            aggregates,
+            unattributed_deadletters: self.unattributed,
+            errors: self.errors,
+        }
+    }
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0)
+}
+
+fn same(e: &Sums, f: &Sums) -> bool {
+    e.count == f.count
+        && e.temperature_min == f.temperature_min
+        && e.temperature_max == f.temperature_max
+        && close(e.temperature_sum, f.temperature_sum)
+        && close(e.humidity_sum, f.humidity_sum)
+}
+
+/// The family of a Parquet object, from its file name (`<family>_…`).
+pub fn family_of(key: &str) -> Option<Family> {
+    let name = key.rsplit('/').next()?;
+    let family = name.split('_').next()?;
+    name.ends_with(".parquet").then_some(())?;
+    Family::from_name(family)
+}
+
+/// Lists and reads everything under `prefix` and judges it.
+pub async fn verify(s3: &S3, prefix: &str) -> Result<Report, S3Error> {
+    let list_prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+    let keys = s3.list(&list_prefix).await?;
+    let mut c = Collector::default();
+    for (key, _) in keys {
+        let name = key.rsplit('/').next().unwrap_or("");
+        if name.starts_with("_manifest_") {
+            c.manifest();
+            continue;
+        }
+        let Some(family) = family_of(&key) else { continue };
+        let bytes = s3.get(&key).await?;
+        c.object(&key, family, bytes);
+    }
+    Ok(c.report(s3.bucket(), prefix))
+}
+
+impl Report {
+    /// A human summary.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "s3://{}/{}: {} Parquet objects, {} manifests",
+            self.bucket, self.prefix, self.objects, self.manifests
+        );
+        let rows: Vec<String> = self.rows.iter().map(|(f, n)| format!("{f} {n}")).collect();
+        let _ = writeln!(out, "rows: {}", rows.join(", "));
+        let _ = writeln!(
+            out,
+            "{:<24} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10}",
+            "node", "records", "filtered", "rejected", "deadletter", "missing", "duplicate"
+        );
+        for n in &self.nodes {
+            let _ = writeln!(
+                out,
+                "{:<24} {:>10} {:>10} {:>9} {:>10} {:>9} {:>10}",
+                n.node_id, n.records, n.filtered, n.rejected, n.deadletter, n.missing_count, n.duplicate_count
+            );
+            for [a, b] in &n.missing {
+                let _ = writeln!(out, "    missing seq {a}..={b}");
+            }
+            if !n.duplicates.is_empty() {
+                let _ = writeln!(out, "    duplicated seq {:?}", n.duplicates);
+            }
+        }
+        let _ = writeln!(
+            out,
+            "aggregates: {} windows checked, {} mismatched",
+            self.aggregates.windows_checked, self.aggregates.mismatch_count
+        );
+        for m in &self.aggregates.mismatches {
+            let _ = writeln!(
+                out,
+                "    {} {}: expected {:?}, found {:?}",
+                m.device_id.as_deref().unwrap_or("(all devices)"),
+                m.window_start,
+                m.expected,
+                m.found
+            );
+        }
+        if self.unattributed_deadletters > 0 {
+            let _ = writeln!(out, "dead letters without node/seq: {}", self.unattributed_deadletters);
+        }
+        for e in &self.errors {
+            let _ = writeln!(out, "error: {e}");
+        }
+        let _ = writeln!(
+            out,
+            "verdict: {} ({} records, {} missing, {} duplicate)",
+            if self.ok { "OK" } else { "FAILED" },
+            self.totals.records,
+            self.totals.missing,
+            self.totals.duplicates
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::parquet::{DeadLetterRow, ReadingRow, SpoolFile, writer_properties};
+
+    const T: i64 = 1_735_207_200_000;
+
+    fn file(dir: &std::path::Path, family: Family, fill: impl FnOnce(&mut SpoolFile)) -> bytes::Bytes {
+        let path = dir.join(format!("{}.parquet", family.as_str()));
+        let mut f = SpoolFile::new(family, path.clone(), 1000, writer_properties(1000));
+        fill(&mut f);
+        f.finish().expect("finish");
+        bytes::Bytes::from(std::fs::read(path).expect("read"))
+    }
+
+    fn reading<'a>(node: &'a str, seq: i64, device: &'a str, t: i64, temperature: f64) -> ReadingRow<'a> {
+        ReadingRow {
+            device_id: device,
+            event_time_ms: t,
+            temperature,
+            humidity: 50.0,
+            status: "OK",
+            node_id: node,
+            seq,
+            reason: None,
+        }
+    }
+
+    fn dead(node: &str, seq: i64, reason: &str) -> DeadLetterRow<'static> {
+        let node: &'static str = Box::leak(node.to_owned().into_boxed_str());
+        let reason: &'static str = Box::leak(reason.to_owned().into_boxed_str());
+        DeadLetterRow {
+            node_id: Some(node),
+            seq: Some(seq),
+            reason,
+            payload: b"x",
+            received_at_ms: T,
+            detail: "",
+            source: "s",
+            payload_size: 1,
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn finds_gaps_duplicates_and_respects_buffer_markers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = Collector::default();
+        c.object(
+            "f",
+            Family::Filtered,
+            file(dir.path(), Family::Filtered, |f| {
+                for seq in [1, 2, 3, 5, 5, 20] {
+                    f.push_reading(&reading("n1", seq, "d", T, 10.0)).expect("push");
+                }
+            }),
+        );
+        c.object(
+            "d",
+            Family::Deadletter,
+            file(dir.path(), Family::Deadletter, |f| {
+                f.push_deadletter(&dead("n1", 4, "bad_json")).expect("push");
+                f.push_deadletter(&dead("n1", 10, "buffer_created")).expect("push");
+                f.push_deadletter(&dead("n1", 11, "bad_json")).expect("push");
+            }),
+        );
+        let r = c.report("b", "p");
+        assert!(!r.ok);
+        let n = &r.nodes[0];
+        assert_eq!((n.records, n.filtered, n.deadletter, n.buffers), (8, 6, 3, 1));
+        assert_eq!(n.duplicates, vec![5]);
+        assert_eq!(n.duplicate_count, 1);
+        assert_eq!(n.missing, vec![[12, 19]], "6..=9 precede a buffer_created marker");
+        assert_eq!(n.missing_count, 8);
+        assert_eq!((n.min_seq, n.max_seq), (1, 20));
+    }
+
+    #[test]
+    fn aggregates_are_checked_against_recomputed_windows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = Collector::default();
+        c.object(
+            "f",
+            Family::Filtered,
+            file(dir.path(), Family::Filtered, |f| {
+                f.push_reading(&reading("n", 1, "a", T + 1_000, 10.0)).expect("push");
+                f.push_reading(&reading("n", 2, "a", T + 2_000, 20.0)).expect("push");
+                f.push_reading(&reading("n", 3, "b", T + 3_000, 30.0)).expect("push");
+            }),
+        );
+        let good = file(dir.path(), Family::Aggregated, |f| {
+            let mut a = Sums::of(10.0, 50.0);
+            a.add(20.0, 50.0);
+            f.push_aggregate(Some("a"), T, &a, false);
+            f.push_aggregate(Some("b"), T, &Sums::of(30.0, 50.0), false);
+            // The all-devices row split into a main and a late part.
+            f.push_aggregate(None, T, &a, false);
+        });
+        c.object("a", Family::Aggregated, good);
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        c.object(
+            "late",
+            Family::Aggregated,
+            file(dir2.path(), Family::Aggregated, |f| f.push_aggregate(None, T, &Sums::of(30.0, 50.0), true)),
+        );
+        let r = c.report("b", "p");
+        assert_eq!(r.aggregates.windows_checked, 3);
+        assert_eq!(r.aggregates.mismatch_count, 0, "{:?}", r.aggregates.mismatches);
+        assert!(r.ok);
+        assert!(r.render().contains("verdict: OK"));
+    }
+
+    #[test]
+    fn a_wrong_aggregate_is_a_mismatch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = Collector::default();
+        c.object(
+            "f",
+            Family::Filtered,
+            file(dir.path(), Family::Filtered, |f| f.push_reading(&reading("n", 1, "a", T, 10.0)).expect("push")),
+        );
+        let dir2 = tempfile::tempdir().expect("tempdir");
+        c.object(
+            "a",
+            Family::Aggregated,
+            file(dir2.path(), Family::Aggregated, |f| {
+                f.push_aggregate(Some("a"), T, &Sums::of(11.0, 50.0), false);
+            }),
+        );
+        let r = c.report("b", "p");
+        assert!(!r.ok);
+        assert_eq!(r.aggregates.mismatch_count, 2, "device row wrong, all-devices row missing");
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["aggregates"]["mismatches"][0]["device_id"], serde_json::Value::Null);
+        assert_eq!(json["aggregates"]["mismatches"][0]["found"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn families_come_from_file_names() {
+        assert_eq!(family_of("p/2024/12/26/filtered_20241226T10Z_processed-data-0_5.parquet"), Some(Family::Filtered));
+        assert_eq!(family_of("p/2024/12/26/_manifest_20241226T10Z_processed-data-0.json"), None);
+        assert_eq!(family_of("p/other.parquet"), None);
+    }
+}
