@@ -247,6 +247,17 @@ pub struct S3Settings {
     pub endpoint_url: Option<Url>,
     pub force_path_style: bool,
     pub sse_kms_key_id: Option<String>,
+    /// Explicit credentials instead of the default AWS chain. Never read from the configuration
+    /// file (production uses the chain: IRSA on EKS); set by embedders and in-process tests,
+    /// which cannot change the process environment safely.
+    pub credentials: Option<StaticCredentials>,
+}
+
+/// An access key pair.
+#[derive(Debug, Clone)]
+pub struct StaticCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: Secret,
 }
 
 /// S3's smallest part size (every part but the last).
@@ -302,6 +313,15 @@ impl Config {
             return Err(Invalid::new("sink.spool_dir", "must not be empty"));
         }
         positive("sink.idle_timeout", s.idle_timeout)?;
+        if s.seal_grace.get() <= p.allowed_lateness.get() {
+            return Err(Invalid::new(
+                "sink.seal_grace",
+                format!(
+                    "must be longer than process.allowed_lateness ({}): a minute closes {} after its end, and its aggregate should reach its hour's file before the hour seals",
+                    p.allowed_lateness, p.allowed_lateness
+                ),
+            ));
+        }
         positive("sink.checkpoint_interval", s.checkpoint_interval)?;
         let row_group_rows = NonZeroUsize::new(s.row_group_rows)
             .filter(|n| n.get() <= 10_000_000)
@@ -379,6 +399,7 @@ impl Config {
                 endpoint_url,
                 force_path_style: s3.force_path_style,
                 sse_kms_key_id: s3.sse_kms_key_id.clone(),
+                credentials: None,
             },
             metrics_listen,
         })
@@ -433,6 +454,7 @@ mod tests {
         check("[kafka.properties]\n\"group.id\" = \"x\"", "kafka.properties.group.id");
         check("[process]\ncheckpoint_interval = \"0s\"", "process.checkpoint_interval");
         check("[sink]\nrow_group_rows = 0", "sink.row_group_rows");
+        check("[sink]\nseal_grace = \"30s\"", "sink.seal_grace");
         check("[sink]\nmultipart_threshold = \"1MiB\"", "sink.multipart_threshold");
         check("[s3]\nbucket = \"Bad_Bucket\"", "s3.bucket");
         check("[s3]\nprefix = \"/x\"", "s3.prefix");

@@ -18,7 +18,7 @@ use aws_config::BehaviorVersion;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::{Region, RequestChecksumCalculation};
+use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
@@ -102,8 +102,17 @@ impl HasStatus for aws_sdk_s3::config::http::HttpResponse {
 impl S3 {
     /// Builds the client from settings and the default credential chain.
     pub async fn new(settings: &S3Settings) -> Self {
-        let shared = aws_config::defaults(BehaviorVersion::latest())
-            .region(Region::new(settings.region.clone()))
+        let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(Region::new(settings.region.clone()));
+        if let Some(c) = &settings.credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                c.access_key_id.clone(),
+                c.secret_access_key.expose().to_owned(),
+                None,
+                None,
+                "edgeflow-static",
+            ));
+        }
+        let shared = loader
             // Our uploader retries forever with its own backoff; one attempt per call here.
             .retry_config(RetryConfig::standard().with_max_attempts(1))
             .timeout_config(

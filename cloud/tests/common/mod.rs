@@ -1,0 +1,328 @@
+//! Shared fixtures of the aggregator's integration tests: a real tansu and a real moto on
+//! 127.0.0.1, topics, a bucket, configuration, record builders and S3/Parquet readers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use arrow_array::RecordBatch;
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use edgeflow_aggregator::config::{Config, Settings, StaticCredentials};
+use edgeflow_contract::{DeadLetter, Provenance, RawRecord, Reading};
+use edgeflow_runtime::config::Secret;
+use edgeflow_testkit::{FaultProxy, Moto, Tansu, TansuStorage, kafka};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tempfile::TempDir;
+
+pub const BUCKET: &str = "edgeflow-test";
+pub const PREFIX: &str = "telemetry";
+pub const RAW: &str = "raw-data";
+pub const PROCESSED: &str = "processed-data";
+pub const DLQ: &str = "raw-data-dlq";
+
+/// 2024-12-26T10:00:00Z: hour 10 of the test data.
+pub const H10: i64 = 1_735_207_200_000;
+pub const MIN: i64 = 60_000;
+pub const HOUR: i64 = 3_600_000;
+
+/// Real servers, topics and a bucket.
+pub struct Env {
+    pub tansu: Tansu,
+    pub moto: Moto,
+    /// Present when S3 is reached through a fault proxy.
+    pub s3_proxy: Option<FaultProxy>,
+    pub s3: aws_sdk_s3::Client,
+    pub partitions: i32,
+    pub dir: TempDir,
+}
+
+impl Env {
+    /// Starts tansu (in memory) and moto, creates the
+    /// topics with `partitions` partitions (one for the DLQ) and the bucket.
+    pub async fn start(partitions: i32) -> Result<Self> {
+        Self::start_with(partitions, false).await
+    }
+
+    /// Like [`Env::start`], with S3 behind a [`FaultProxy`] when `proxy_s3`.
+    pub async fn start_with(partitions: i32, proxy_s3: bool) -> Result<Self> {
+        let tansu = Tansu::start(TansuStorage::Memory)?;
+        let moto = Moto::start()?;
+        let s3_proxy = if proxy_s3 { Some(FaultProxy::start(0, moto.port)?) } else { None };
+        kafka::create_topics(&tansu.bootstrap(), &[(RAW, partitions), (PROCESSED, partitions), (DLQ, 1)]).await?;
+        let s3 = client(&moto.endpoint());
+        let mut attempt = 0;
+        loop {
+            match s3.create_bucket().bucket(BUCKET).send().await {
+                Ok(_) => break,
+                Err(e) if attempt < 20 => {
+                    attempt += 1;
+                    tracing::debug!(error = ?e, "moto not ready");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e).context("creating the bucket"),
+            }
+        }
+        Ok(Self { tansu, moto, s3_proxy, s3, partitions, dir: tempfile::tempdir()? })
+    }
+
+    pub fn bootstrap(&self) -> String {
+        self.tansu.bootstrap()
+    }
+
+    /// The endpoint the aggregator uses (the proxy's when there is one).
+    pub fn s3_endpoint(&self) -> String {
+        match &self.s3_proxy {
+            Some(p) => format!("http://127.0.0.1:{}", p.port),
+            None => self.moto.endpoint(),
+        }
+    }
+
+    /// Configuration TOML for an aggregator instance named `name` (own spool directory).
+    /// `extra` is appended inside `[sink]`-free sections by the caller through `overrides`.
+    pub fn config_toml(&self, name: &str, overrides: &[(&str, &str)]) -> String {
+        let spool = self.spool_dir(name);
+        let mut sections: Vec<(&str, Vec<(String, String)>)> = vec![
+            ("kafka", vec![("brokers".into(), q(&self.bootstrap())), ("group_id".into(), q("agg"))]),
+            (
+                "process",
+                vec![
+                    ("allowed_lateness".into(), q("5s")),
+                    ("checkpoint_interval".into(), q("300ms")),
+                    ("idle_timeout".into(), q("1h")),
+                ],
+            ),
+            (
+                "sink",
+                vec![
+                    ("spool_dir".into(), q(&spool.display().to_string())),
+                    ("seal_grace".into(), q("1m")),
+                    ("idle_timeout".into(), q("1h")),
+                    ("row_group_rows".into(), "1000".into()),
+                    ("checkpoint_interval".into(), q("300ms")),
+                ],
+            ),
+            (
+                "s3",
+                vec![
+                    ("bucket".into(), q(BUCKET)),
+                    ("prefix".into(), q(PREFIX)),
+                    ("region".into(), q("us-east-1")),
+                    ("endpoint_url".into(), q(&self.s3_endpoint())),
+                    ("force_path_style".into(), "true".into()),
+                ],
+            ),
+            ("metrics", vec![("listen".into(), q("127.0.0.1:0"))]),
+        ];
+        for (key, value) in overrides {
+            let (section, field) = key.split_once('.').expect("override keys are section.field");
+            let entries = &mut sections.iter_mut().find(|(s, _)| *s == section).expect("known section").1;
+            entries.retain(|(f, _)| f != field);
+            entries.push((field.to_owned(), (*value).to_owned()));
+        }
+        let mut out = String::new();
+        for (section, entries) in sections {
+            out.push_str(&format!("[{section}]\n"));
+            for (k, v) in entries {
+                out.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        out
+    }
+
+    /// Validated settings for an in-process instance (static test credentials).
+    pub fn settings(&self, name: &str, overrides: &[(&str, &str)]) -> Result<Settings> {
+        let text = self.config_toml(name, overrides);
+        let config = Config::parse(&text).map_err(anyhow::Error::msg)?;
+        let mut settings = config.validate()?;
+        settings.s3.credentials =
+            Some(StaticCredentials { access_key_id: "test".into(), secret_access_key: Secret::new("test") });
+        Ok(settings)
+    }
+
+    /// Writes the configuration of a child-process instance; returns its path.
+    pub fn config_file(&self, name: &str, overrides: &[(&str, &str)]) -> Result<PathBuf> {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, self.config_toml(name, overrides))?;
+        Ok(path)
+    }
+
+    pub fn spool_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("spool-{name}"))
+    }
+
+    /// Every key under the prefix.
+    pub async fn keys(&self) -> Result<Vec<String>> {
+        list(&self.s3, PREFIX).await
+    }
+
+    /// Waits until `done(keys)` holds.
+    pub async fn wait_for_keys(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut done: impl FnMut(&[String]) -> bool,
+    ) -> Result<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let keys = self.keys().await?;
+            if done(&keys) {
+                return Ok(keys);
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}; keys: {keys:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Reads a Parquet object whole.
+    pub async fn parquet(&self, key: &str) -> Result<RecordBatch> {
+        read_parquet(&self.s3, key).await
+    }
+
+    /// The key of an hour's manifest for processed-data partition `p` (or the DLQ topic).
+    pub fn manifest_key(&self, hour_ms: i64, topic: &str, p: i32) -> String {
+        let t = chrono::DateTime::from_timestamp_millis(hour_ms).expect("valid");
+        format!("{PREFIX}/{}/_manifest_{}_{topic}-{p}.json", t.format("%Y/%m/%d"), t.format("%Y%m%dT%HZ"))
+    }
+}
+
+fn q(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// An S3 client for moto with static test credentials.
+pub fn client(endpoint: &str) -> aws_sdk_s3::Client {
+    let config = aws_sdk_s3::config::Builder::new()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "test"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+pub async fn list(s3: &aws_sdk_s3::Client, prefix: &str) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut pages = s3.list_objects_v2().bucket(BUCKET).prefix(prefix).into_paginator().send();
+    while let Some(page) = pages.next().await {
+        for o in page?.contents() {
+            keys.extend(o.key().map(str::to_owned));
+        }
+    }
+    keys.sort();
+    Ok(keys)
+}
+
+pub async fn read_parquet(s3: &aws_sdk_s3::Client, key: &str) -> Result<RecordBatch> {
+    let body = s3.get_object().bucket(BUCKET).key(key).send().await?.body.collect().await?.into_bytes();
+    let mut batches: Vec<RecordBatch> =
+        ParquetRecordBatchReaderBuilder::try_new(body)?.with_batch_size(1 << 22).build()?.collect::<Result<_, _>>()?;
+    match batches.len() {
+        1 => Ok(batches.remove(0)),
+        n => bail!("{key}: expected one batch, got {n}"),
+    }
+}
+
+/// RFC 3339 of a millisecond timestamp.
+pub fn rfc3339(t: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(t).expect("valid time").to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A raw-data value as the agent writes it.
+pub fn raw(device: &str, t: i64, temperature: f64, humidity: f64, status: &str, node: &str, seq: u64) -> Vec<u8> {
+    let ts = rfc3339(t);
+    let reading = Reading {
+        device_id: device.into(),
+        timestamp: ts.as_str().into(),
+        temperature,
+        humidity,
+        status: status.into(),
+        event_time_ms: t,
+    };
+    RawRecord { reading, provenance: Provenance { node_id: node.into(), seq } }.to_json()
+}
+
+/// A raw-data-dlq value as the agent writes it.
+pub fn dead_letter(node: &str, seq: u64, reason: &str, payload: &[u8], received_at_ms: i64) -> Vec<u8> {
+    DeadLetter {
+        node_id: node.into(),
+        seq,
+        reason: reason.into(),
+        detail: "test".into(),
+        source: "devices/x/telemetry".into(),
+        received_at_ms,
+        payload_size: payload.len() as u64,
+        truncated: false,
+        payload: payload.to_vec(),
+    }
+    .to_json()
+}
+
+/// A producer like the agent's: idempotent, acks=all.
+pub fn producer(bootstrap: &str) -> Result<FutureProducer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()?)
+}
+
+/// Produces `(partition, key, value)` in order, waiting for each delivery.
+pub async fn produce(p: &FutureProducer, topic: &str, records: &[(i32, &str, Vec<u8>)]) -> Result<()> {
+    let mut pending = Vec::new();
+    for (partition, key, value) in records {
+        let fut = p
+            .send_result(FutureRecord::to(topic).partition(*partition).key(*key).payload(value))
+            .map_err(|(e, _)| anyhow::anyhow!("enqueue: {e}"))?;
+        pending.push(fut);
+    }
+    for f in pending {
+        f.await.context("delivery canceled")?.map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Runs the aggregator in-process until the returned handle is stopped.
+pub struct Running {
+    pub token: edgeflow_runtime::CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), edgeflow_aggregator::RunError>>,
+}
+
+impl Running {
+    pub fn start(settings: Settings, stages: edgeflow_aggregator::Stages) -> Self {
+        let token = edgeflow_runtime::CancellationToken::new();
+        let task = tokio::spawn(edgeflow_aggregator::run(settings, stages, token.clone()));
+        Self { token, task }
+    }
+
+    /// Stops (as on SIGTERM) and returns the run's result.
+    pub async fn stop(self) -> Result<()> {
+        self.token.cancel();
+        match tokio::time::timeout(Duration::from_secs(60), self.task).await {
+            Ok(Ok(r)) => r.map_err(anyhow::Error::from),
+            Ok(Err(e)) => bail!("aggregator task panicked: {e}"),
+            Err(_) => bail!("aggregator did not stop within 60s"),
+        }
+    }
+}
+
+/// Logs to the test's output (captured by the harness) once per process.
+pub fn init_logging() {
+    edgeflow_runtime::logging::init("info,edgeflow_aggregator=debug", edgeflow_runtime::logging::Target::Stderr);
+}
+
+/// The aggregator binary, for tests that kill it.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_edgeflow-aggregator")
+}
+
+/// A path's display, for commands.
+pub fn display(p: &Path) -> String {
+    p.display().to_string()
+}

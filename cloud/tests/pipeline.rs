@@ -1,0 +1,198 @@
+//! The whole aggregator (both stages, in-process `run`) against real tansu and moto: window
+//! results and Parquet files checked value by value against hand-computed expectations.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int64Type, TimestampMillisecondType};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::{DataType, TimeUnit};
+use common::*;
+use edgeflow_aggregator::Stages;
+use edgeflow_aggregator::processed::Processed;
+use edgeflow_testkit::kafka;
+
+/// Minute `m`, second `s` of hour 10.
+fn at(m: i64, s: i64) -> i64 {
+    H10 + m * MIN + s * 1000
+}
+
+fn strings(b: &RecordBatch, name: &str) -> Vec<Option<String>> {
+    let c = b.column_by_name(name).unwrap_or_else(|| panic!("column {name}"));
+    let a = c.as_string::<i32>();
+    (0..a.len()).map(|i| (!a.is_null(i)).then(|| a.value(i).to_owned())).collect()
+}
+
+fn ints(b: &RecordBatch, name: &str) -> Vec<i64> {
+    b.column_by_name(name).unwrap_or_else(|| panic!("column {name}")).as_primitive::<Int64Type>().values().to_vec()
+}
+
+fn floats(b: &RecordBatch, name: &str) -> Vec<f64> {
+    b.column_by_name(name).unwrap_or_else(|| panic!("column {name}")).as_primitive::<Float64Type>().values().to_vec()
+}
+
+fn times(b: &RecordBatch, name: &str) -> Vec<i64> {
+    let c = b.column_by_name(name).unwrap_or_else(|| panic!("column {name}"));
+    assert_eq!(
+        c.data_type(),
+        &DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+        "{name} is a UTC millisecond timestamp"
+    );
+    c.as_primitive::<TimestampMillisecondType>().values().to_vec()
+}
+
+fn bools(b: &RecordBatch, name: &str) -> Vec<bool> {
+    let a = b.column_by_name(name).unwrap_or_else(|| panic!("column {name}")).as_boolean().clone();
+    (0..a.len()).map(|i| a.value(i)).collect()
+}
+
+fn key_of(keys: &[String], family: &str, topic_partition: &str) -> String {
+    let mut matching: Vec<&String> =
+        keys.iter().filter(|k| k.contains(&format!("/{family}_20241226T10Z_{topic_partition}_"))).collect();
+    assert_eq!(matching.len(), 1, "one {family} file for {topic_partition} in hour 10: {keys:#?}");
+    matching.remove(0).clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn windows_and_files_match_hand_computed_values() -> Result<()> {
+    init_logging();
+    let env = Env::start(3).await?;
+    let p = producer(&env.bootstrap())?;
+    produce(
+        &p,
+        RAW,
+        &[
+            (0, "d0", raw("d0", at(0, 5), 20.0, 40.0, "OK", "n0", 1)),
+            (0, "d0", raw("d0", at(0, 30), 22.0, 42.0, "OK", "n0", 2)),
+            // Out of order, same minute.
+            (0, "d0", raw("d0", at(0, 20), 21.0, 41.0, "OK", "n0", 3)),
+            // The agent resent seq 2 after a crash.
+            (0, "d0", raw("d0", at(0, 30), 22.0, 42.0, "OK", "n0", 2)),
+            (0, "d0", raw("d0", at(0, 40), 150.0, 40.0, "OK", "n0", 4)),
+            (0, "d0", raw("d0", at(0, 45), 23.0, 40.0, "ERROR", "n0", 5)),
+            // 10:01:10 - 5s lateness passes 10:01: minute 10:00 of partition 0 closes.
+            (0, "d0", raw("d0", at(1, 10), 24.0, 44.0, "OK", "n0", 6)),
+            // Late for the closed minute: a late correction.
+            (0, "d0", raw("d0", at(0, 50), 25.0, 45.0, "OK", "n0", 7)),
+            (1, "d1", raw("d1", at(0, 10), 30.0, 50.0, "OK", "n1", 1)),
+            (1, "d1", raw("d1", at(0, 50), 32.0, 52.0, "OK", "n1", 2)),
+            (2, "d2", raw("d2", at(0, 15), 40.0, 60.0, "OK", "n2", 1)),
+            // 11:00:30 closes every minute of hour 10 without sealing the hour (grace 1m).
+            (0, "d0", raw("d0", at(60, 30), 26.0, 46.0, "OK", "n0", 8)),
+            (1, "d1", raw("d1", at(60, 30), 33.0, 53.0, "OK", "n1", 3)),
+            (2, "d2", raw("d2", at(60, 30), 41.0, 61.0, "OK", "n2", 2)),
+        ],
+    )
+    .await?;
+    let agg = Running::start(env.settings("a", &[])?, Stages::Both);
+
+    // Wait until all three partials of 10:00 are in processed-data partition 0, so that the
+    // sink sees them before the hour seals (otherwise they would, correctly, go to a late file).
+    let bootstrap = env.bootstrap();
+    let processed = tokio::task::spawn_blocking(move || {
+        kafka::consume_until(&bootstrap, PROCESSED, Duration::from_secs(60), |msgs| {
+            let partials = msgs
+                .iter()
+                .filter(|m| m.partition == 0)
+                .filter_map(|m| match Processed::parse(&m.value) {
+                    Ok(Processed::Aggregate(a)) if a.device_id.is_none() && !a.late && a.window_start_ms == H10 => {
+                        Some(a.source.partition)
+                    }
+                    _ => None,
+                })
+                .count();
+            let late = msgs
+                .iter()
+                .filter(|m| matches!(Processed::parse(&m.value), Ok(Processed::Aggregate(a)) if a.late))
+                .count();
+            partials == 3 && late == 2
+        })
+    })
+    .await??;
+    // The late reading produced exactly one per-device and one all-devices correction.
+    let late: Vec<(Option<String>, u64)> = processed
+        .iter()
+        .filter_map(|m| match Processed::parse(&m.value) {
+            Ok(Processed::Aggregate(a)) if a.late => Some((a.device_id.map(|d| d.into_owned()), a.sums.count)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(late, vec![(Some("d0".into()), 1), (None, 1)]);
+
+    // 11:02 on every partition seals hour 10 (11:00 + 1m grace).
+    produce(
+        &p,
+        RAW,
+        &[
+            (0, "d0", raw("d0", at(62, 0), 27.0, 47.0, "OK", "n0", 9)),
+            (1, "d1", raw("d1", at(62, 0), 34.0, 54.0, "OK", "n1", 4)),
+            (2, "d2", raw("d2", at(62, 0), 42.0, 62.0, "OK", "n2", 3)),
+        ],
+    )
+    .await?;
+    let manifests: Vec<String> = (0..3).map(|p| env.manifest_key(H10, PROCESSED, p)).collect();
+    let keys = env
+        .wait_for_keys(Duration::from_secs(60), "hour 10 manifests", |k| manifests.iter().all(|m| k.contains(m)))
+        .await?;
+
+    // Partition 0: every minute of d0, and the all-devices rows merged from three partitions.
+    let a0 = env.parquet(&key_of(&keys, "aggregated", "processed-data-0")).await?;
+    assert_eq!(strings(&a0, "DeviceId"), vec![None, Some("d0".into()), None, Some("d0".into())]);
+    assert_eq!(times(&a0, "Timestamp"), vec![H10, H10, H10 + MIN, H10 + MIN]);
+    assert_eq!(ints(&a0, "Count"), vec![7, 4, 1, 1]);
+    assert_eq!(floats(&a0, "TemperatureSum"), vec![190.0, 88.0, 24.0, 24.0]);
+    assert_eq!(floats(&a0, "Temperature"), vec![190.0 / 7.0, 22.0, 24.0, 24.0]);
+    assert_eq!(floats(&a0, "TemperatureMin"), vec![20.0, 20.0, 24.0, 24.0]);
+    assert_eq!(floats(&a0, "TemperatureMax"), vec![40.0, 25.0, 24.0, 24.0]);
+    assert_eq!(floats(&a0, "Humidity"), vec![330.0 / 7.0, 42.0, 44.0, 44.0]);
+    assert_eq!(bools(&a0, "Late"), vec![true, true, false, false], "late corrections merged into their rows");
+
+    let f0 = env.parquet(&key_of(&keys, "filtered", "processed-data-0")).await?;
+    assert_eq!(ints(&f0, "Seq"), vec![1, 2, 3, 6, 7], "the resent seq 2 is stored once");
+    assert_eq!(times(&f0, "Timestamp"), vec![at(0, 5), at(0, 30), at(0, 20), at(1, 10), at(0, 50)]);
+    assert_eq!(floats(&f0, "Temperature"), vec![20.0, 22.0, 21.0, 24.0, 25.0]);
+    assert_eq!(floats(&f0, "Humidity"), vec![40.0, 42.0, 41.0, 44.0, 45.0]);
+    assert!(strings(&f0, "DeviceId").iter().all(|d| d.as_deref() == Some("d0")));
+    assert!(strings(&f0, "Status").iter().all(|d| d.as_deref() == Some("OK")));
+    assert!(strings(&f0, "NodeId").iter().all(|d| d.as_deref() == Some("n0")));
+
+    let r0 = env.parquet(&key_of(&keys, "rejected", "processed-data-0")).await?;
+    assert_eq!(ints(&r0, "Seq"), vec![4, 5]);
+    assert_eq!(strings(&r0, "Reason"), vec![Some("temperature_above_max".into()), Some("status_not_ok".into())]);
+    assert_eq!(strings(&r0, "Status"), vec![Some("OK".into()), Some("ERROR".into())]);
+
+    let a1 = env.parquet(&key_of(&keys, "aggregated", "processed-data-1")).await?;
+    assert_eq!(strings(&a1, "DeviceId"), vec![Some("d1".into())]);
+    assert_eq!(
+        (ints(&a1, "Count"), floats(&a1, "TemperatureSum"), bools(&a1, "Late")),
+        (vec![2], vec![62.0], vec![false])
+    );
+    let a2 = env.parquet(&key_of(&keys, "aggregated", "processed-data-2")).await?;
+    assert_eq!((ints(&a2, "Count"), floats(&a2, "TemperatureMax")), (vec![1], vec![40.0]));
+    assert!(!keys.iter().any(|k| k.contains("20241226T11Z")), "hour 11 is not sealed yet");
+
+    // The manifest lists the hour's files with their rows and offsets.
+    let body = env.s3.get_object().bucket(BUCKET).key(&manifests[0]).send().await?.body.collect().await?.into_bytes();
+    let manifest: serde_json::Value = serde_json::from_slice(&body)?;
+    assert_eq!(manifest["hour"], "2024-12-26T10:00:00Z");
+    assert_eq!(manifest["late"], false);
+    let families: Vec<&str> =
+        manifest["files"].as_array().expect("files").iter().filter_map(|f| f["family"].as_str()).collect();
+    assert_eq!(families, vec!["aggregated", "filtered", "rejected"]);
+    assert_eq!(manifest["files"][1]["rows"], 5);
+
+    // The oracle agrees.
+    let report = edgeflow_aggregator::verify::verify(
+        &edgeflow_aggregator::s3::S3::new(&env.settings("v", &[])?.s3).await,
+        PREFIX,
+    )
+    .await?;
+    assert!(report.ok, "{}", report.render());
+    assert_eq!(report.totals.records, 7 + 2 + 1);
+    assert_eq!(report.aggregates.windows_checked, 6);
+
+    agg.stop().await
+}
