@@ -196,3 +196,109 @@ async fn windows_and_files_match_hand_computed_values() -> Result<()> {
 
     agg.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_records_are_counted_and_kept_and_the_stream_goes_on() -> Result<()> {
+    init_logging();
+    let env = Env::start(1).await?;
+    let port = edgeflow_testkit::free_port();
+    let listen = format!("\"127.0.0.1:{port}\"");
+    let agg = Running::start(env.settings("a", &[("metrics.listen", &listen)])?, Stages::Both);
+    let p = producer(&env.bootstrap())?;
+    let received = H10 + 20_000;
+    let wrong_schema =
+        br#"{"device_id":"d0","timestamp":"2024-12-26T10:00:21Z","humidity":1,"status":"OK","node_id":"n0","seq":2}"#
+            .to_vec();
+    produce_at(
+        &p,
+        RAW,
+        &[
+            (0, "d0", raw("d0", at(0, 10), 20.0, 40.0, "OK", "n0", 1), received),
+            (0, "d0", b"}{ not json".to_vec(), received),
+            (0, "d0", wrong_schema.clone(), received),
+            // The agent resent the bad record: still one dead letter.
+            (0, "d0", wrong_schema, received),
+            (0, "d0", raw("d0", at(0, 30), 21.0, 40.0, "OK", "n0", 3), received),
+        ],
+    )
+    .await?;
+    produce_at(
+        &p,
+        DLQ,
+        &[
+            (0, "n0", dead_letter("n0", 4, "bad_json", &[0xff, 0x00, b'{'], received), received),
+            (0, "n9", dead_letter("n9", 100, "buffer_created", b"", received), received),
+            (0, "x", b"not an envelope".to_vec(), received),
+        ],
+    )
+    .await?;
+    // The stream goes on: 11:00:30 closes the minutes of hour 10, 11:02 seals it.
+    produce_at(
+        &p,
+        RAW,
+        &[
+            (0, "d0", raw("d0", at(60, 30), 22.0, 40.0, "OK", "n0", 5), at(60, 30)),
+            (0, "d0", raw("d0", at(62, 0), 22.0, 40.0, "OK", "n0", 7), at(62, 0)),
+        ],
+    )
+    .await?;
+    produce_at(&p, DLQ, &[(0, "n0", dead_letter("n0", 6, "bad_json", b"x", at(62, 0)), at(62, 0))]).await?;
+
+    let manifests = [env.manifest_key(H10, PROCESSED, 0), env.manifest_key(H10, DLQ, 0)];
+    let keys = env
+        .wait_for_keys(Duration::from_secs(60), "hour 10 manifests", |k| manifests.iter().all(|m| k.contains(m)))
+        .await?;
+
+    let f = env.parquet(&key_of(&keys, "filtered", "processed-data-0")).await?;
+    assert_eq!(ints(&f, "Seq"), vec![1, 3]);
+    let d = env.parquet(&key_of(&keys, "deadletter", "processed-data-0")).await?;
+    assert_eq!(strings(&d, "Reason"), vec![Some("bad_json".into()), Some("missing_field".into())]);
+    assert_eq!(strings(&d, "NodeId"), vec![None, Some("n0".into())]);
+    let seq = d.column_by_name("Seq").expect("Seq").as_primitive::<Int64Type>().clone();
+    assert!(seq.is_null(0) && seq.value(1) == 2);
+    assert_eq!(d.column_by_name("Payload").expect("Payload").as_binary::<i32>().value(0), b"}{ not json");
+    assert_eq!(times(&d, "ReceivedAt"), vec![received, received]);
+    assert_eq!(strings(&d, "Source"), vec![Some("raw-data/0@1".into()), Some("raw-data/0@2".into())]);
+
+    let q = env.parquet(&key_of(&keys, "deadletter", "raw-data-dlq-0")).await?;
+    assert_eq!(
+        strings(&q, "Reason"),
+        vec![Some("bad_json".into()), Some("buffer_created".into()), Some("foreign_record".into())]
+    );
+    assert_eq!(strings(&q, "NodeId"), vec![Some("n0".into()), Some("n9".into()), None]);
+    assert_eq!(q.column_by_name("Payload").expect("Payload").as_binary::<i32>().value(0), &[0xff, 0x00, b'{']);
+    assert_eq!(strings(&q, "Source")[0].as_deref(), Some("devices/x/telemetry"));
+
+    // Every seq of hour 10 is accounted for; the two values without provenance are listed.
+    let report = edgeflow_aggregator::verify::verify(
+        &edgeflow_aggregator::s3::S3::new(&env.settings("v", &[])?.s3).await,
+        PREFIX,
+    )
+    .await?;
+    assert!(report.ok, "{}", report.render());
+    assert_eq!(report.unattributed_deadletters, 2);
+    let n0 = report.nodes.iter().find(|n| n.node_id == "n0").expect("n0");
+    assert_eq!((n0.min_seq, n0.max_seq, n0.records, n0.deadletter), (1, 4, 4, 2));
+
+    // Counted by reason, visible on /metrics; health and readiness answer.
+    let (status, text) = http_get(port, "/metrics").await?;
+    assert_eq!(status, 200);
+    assert_eq!(metric(&text, "edgeflow_aggregator_deadletters_total{reason=\"bad_json\"}"), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "edgeflow_aggregator_deadletters_total{reason=\"missing_field\"}"), Some(1.0));
+    assert_eq!(metric(&text, "edgeflow_aggregator_duplicates_dropped_total{stage=\"process\"}"), Some(1.0));
+    assert_eq!(metric(&text, "edgeflow_aggregator_foreign_records_total"), Some(1.0));
+    assert_eq!(metric(&text, "edgeflow_aggregator_records_filtered_total"), Some(4.0));
+    assert!(metric(&text, "edgeflow_aggregator_files_uploaded_total{family=\"deadletter\"}").is_some_and(|n| n >= 2.0));
+    assert_eq!(http_get(port, "/healthz").await?.0, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = http_get(port, "/readyz").await?;
+        if status == 200 {
+            assert!(body.contains("[+] kafka") && body.contains("[+] s3"), "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not ready after 30s: {body}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    agg.stop().await
+}

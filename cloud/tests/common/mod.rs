@@ -326,3 +326,36 @@ pub fn binary() -> &'static str {
 pub fn display(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// Produces `(partition, key, value, broker timestamp)` in order (the timestamp stands for the
+/// agent's receive time, which is a dead letter's hour).
+pub async fn produce_at(p: &FutureProducer, topic: &str, records: &[(i32, &str, Vec<u8>, i64)]) -> Result<()> {
+    for (partition, key, value, ts) in records {
+        p.send(
+            FutureRecord::to(topic).partition(*partition).key(*key).payload(value).timestamp(*ts),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+    }
+    Ok(())
+}
+
+/// A plain HTTP/1.1 GET; returns (status, body).
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of a sample line `name{labels} value` in an OpenMetrics exposition.
+pub fn metric(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
+    })
+}
