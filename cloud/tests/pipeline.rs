@@ -302,3 +302,107 @@ async fn bad_records_are_counted_and_kept_and_the_stream_goes_on() -> Result<()>
     }
     agg.stop().await
 }
+
+/// What `process` emits, hand-written, to drive the sink alone.
+mod emit {
+    use std::borrow::Cow;
+
+    use edgeflow_aggregator::processed::{AggregateOut, DeadLetterOut, Processed, ReadingOut, Source, Sums};
+
+    pub fn reading(seq: u64, t: i64, source_offset: i64) -> Vec<u8> {
+        Processed::Reading(ReadingOut {
+            source: Source { partition: 0, offset: source_offset },
+            reason: None,
+            device_id: "d0".into(),
+            timestamp: super::rfc3339(t).into(),
+            event_time_ms: t,
+            temperature: 20.0 + seq as f64,
+            humidity: 50.0,
+            status: "OK".into(),
+            node_id: "n0".into(),
+            seq,
+        })
+        .to_json()
+    }
+
+    pub fn aggregate(device: Option<&str>, window: i64, late: bool, source_offset: i64) -> Vec<u8> {
+        Processed::Aggregate(AggregateOut {
+            source: Source { partition: 0, offset: source_offset },
+            device_id: device.map(|d| Cow::Owned(d.to_owned())),
+            window_start_ms: window,
+            sums: Sums::of(21.0, 50.0),
+            late,
+        })
+        .to_json()
+    }
+
+    pub fn dead(source_offset: i64, t: i64) -> Vec<u8> {
+        Processed::DeadLetter(DeadLetterOut {
+            source: Source { partition: 0, offset: source_offset },
+            reason: "bad_json".into(),
+            detail: "x".into(),
+            node_id: None,
+            seq: None,
+            received_at_ms: t,
+            payload: Cow::Borrowed(b"{"),
+        })
+        .to_json()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sink_drops_process_replays_across_sealed_hours() -> Result<()> {
+    init_logging();
+    let env = Env::start(1).await?;
+    let port = edgeflow_testkit::free_port();
+    let listen = format!("\"127.0.0.1:{port}\"");
+    let agg = Running::start(env.settings("a", &[("metrics.listen", &listen)])?, Stages::Sink);
+    let p = producer(&env.bootstrap())?;
+    let first_run = vec![
+        (0, "d0", emit::reading(1, at(0, 1), 0)),
+        (0, "d0", emit::reading(2, at(0, 2), 1)),
+        (0, "d0", emit::dead(2, at(0, 3))),
+        (0, "d0", emit::reading(3, at(0, 4), 3)),
+        (0, "d0", emit::aggregate(Some("d0"), H10, false, 4)),
+        (0, "d0", emit::aggregate(None, H10, false, 4)),
+        (0, "d0", emit::aggregate(Some("d0"), H10, true, 5)),
+        (0, "d0", emit::aggregate(None, H10, true, 5)),
+        (0, "d0", emit::reading(4, at(62, 0), 6)),
+    ];
+    produce(&p, PROCESSED, &first_run).await?;
+    env.wait_for_keys(Duration::from_secs(60), "hour 10 manifest", |k| {
+        k.contains(&env.manifest_key(H10, PROCESSED, 0))
+    })
+    .await?;
+    let sealed: Vec<String> = env.keys().await?;
+
+    // `process` crashed and replays from an older checkpoint: everything again (new offsets),
+    // then new data, then hour 11 seals.
+    let mut replay = first_run[1..].to_vec();
+    replay.push((0, "d0", emit::reading(5, at(63, 0), 7)));
+    replay.push((0, "d0", emit::reading(6, at(122, 0), 8)));
+    produce(&p, PROCESSED, &replay).await?;
+    let h11 = env.manifest_key(H10 + HOUR, PROCESSED, 0);
+    let keys = env.wait_for_keys(Duration::from_secs(60), "hour 11 manifest", |k| k.contains(&h11)).await?;
+
+    let hour10: Vec<&String> = keys.iter().filter(|k| k.contains("20241226T10Z")).collect();
+    assert_eq!(hour10, sealed.iter().collect::<Vec<_>>(), "no late file: every replayed value of hour 10 was dropped");
+    let f11 = env
+        .parquet(&keys.iter().find(|k| k.contains("/filtered_20241226T11Z_")).expect("hour 11 filtered").clone())
+        .await?;
+    assert_eq!(ints(&f11, "Seq"), vec![4, 5]);
+    let (_, text) = http_get(port, "/metrics").await?;
+    assert_eq!(metric(&text, "edgeflow_aggregator_duplicates_dropped_total{stage=\"sink\"}"), Some(8.0), "{text}");
+    let report = edgeflow_aggregator::verify::verify(
+        &edgeflow_aggregator::s3::S3::new(&env.settings("v", &[])?.s3).await,
+        PREFIX,
+    )
+    .await?;
+    assert_eq!(
+        (report.totals.records, report.totals.duplicates, report.totals.missing),
+        (5, 0, 0),
+        "{}",
+        report.render()
+    );
+    agg.stop().await
+}
