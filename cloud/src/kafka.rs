@@ -129,6 +129,25 @@ fn list(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 }
 
 impl ClientContext for StageContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // librdkafka's own errors are transient connection trouble it retries; WARN at most.
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "librdkafka", stage = ?self.stage, facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", stage = ?self.stage, facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", stage = ?self.stage, facility = fac, "{message}")
+            }
+        }
+    }
+
     fn stats(&self, statistics: Statistics) {
         let up = statistics.brokers.values().any(|b| b.state == "UP");
         self.health.up.store(up, Ordering::Relaxed);
@@ -337,5 +356,178 @@ pub async fn close(consumer: Arc<StageConsumer>) {
     });
     if spawned.is_ok() && tokio::time::timeout(Duration::from_secs(10), rx).await.is_err() {
         tracing::warn!("the Kafka consumer did not close within 10s; abandoning it");
+    }
+}
+
+/// Where a partition's next record must come from.
+///
+/// Kafka answers a fetch at offset `o` with the record batch *containing* `o`, and the client
+/// drops the records before `o`. tansu 0.6 (in-memory storage) answers with the first batch that
+/// *starts* at or after `o`, silently skipping the rest of the batch holding `o` — which after
+/// a seek to a checkpoint's resume offset would lose records. A cursor notices the first record
+/// arriving beyond the expected offset and asks to seek further back (1, 4, 16, … records
+/// before it) until a batch holding the expected offset is delivered; records before it are
+/// dropped. If the skipped batch was the partition's last, nothing arrives at all; the stage
+/// then calls [`Cursor::stalled`] after a quiet while. The expected offset always exists (it is a
+/// committed checkpoint, or a resume offset below it), so stepping back is always right.
+/// On a broker that behaves, the first record is the expected one and nothing happens.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor {
+    expected: Option<i64>,
+    back: i64,
+    seen_below: bool,
+    tried_start: bool,
+    /// When the cursor last made progress (set, dropped a record, stepped back).
+    since: Option<std::time::Instant>,
+}
+
+/// What to do with a delivered record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Positioned {
+    /// Process it.
+    Take,
+    /// Before the expected offset: drop it.
+    Drop,
+    /// The broker skipped the expected offset: seek back to this offset (and drop the record).
+    SeekBack(i64),
+}
+
+impl Cursor {
+    /// Expects the next record at `offset`.
+    pub fn expect(&mut self, offset: i64) {
+        *self = Self {
+            expected: Some(offset),
+            back: 1,
+            seen_below: false,
+            tried_start: false,
+            since: Some(std::time::Instant::now()),
+        };
+    }
+
+    /// Whether a record is awaited and nothing useful arrived for `quiet`.
+    pub fn is_stalled(&self, quiet: Duration) -> bool {
+        self.expected.is_some() && self.since.is_some_and(|t| t.elapsed() >= quiet)
+    }
+
+    /// Judges a delivered record.
+    pub fn check(&mut self, offset: i64) -> Positioned {
+        let Some(expected) = self.expected else { return Positioned::Take };
+        if offset == expected {
+            self.expected = None;
+            return Positioned::Take;
+        }
+        self.since = Some(std::time::Instant::now());
+        if offset < expected {
+            self.seen_below = true;
+            return Positioned::Drop;
+        }
+        // Beyond the expected offset. If records below it were seen, the offset simply does
+        // not exist (compaction, transaction markers): take this one. If the seek already went
+        // back to the start, nothing earlier can be fetched either.
+        if self.seen_below || expected == 0 || self.tried_start {
+            self.expected = None;
+            return Positioned::Take;
+        }
+        Positioned::SeekBack(self.step_back(expected))
+    }
+
+    /// Nothing arrived for a while although the partition holds the expected offset (the
+    /// skipped batch was the last one): where to seek back to, if anywhere.
+    pub fn stalled(&mut self) -> Option<i64> {
+        let expected = self.expected?;
+        self.since = Some(std::time::Instant::now());
+        if self.tried_start || expected == 0 {
+            return None;
+        }
+        Some(self.step_back(expected))
+    }
+
+    fn step_back(&mut self, expected: i64) -> i64 {
+        let target = expected.saturating_sub(self.back).max(0);
+        self.tried_start = target == 0;
+        self.back = self.back.saturating_mul(4);
+        target
+    }
+
+    /// Whether a record is still awaited at a given offset.
+    pub fn expected(&self) -> Option<i64> {
+        self.expected
+    }
+}
+
+/// The committed offsets of `partitions` (`None` where the group has none yet).
+pub async fn committed(consumer: &Arc<StageConsumer>, partitions: &[(String, i32)]) -> HashMap<(String, i32), i64> {
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in partitions {
+        tpl.add_partition(t, *p);
+    }
+    let consumer = consumer.clone();
+    let result = tokio::task::spawn_blocking(move || consumer.committed_offsets(tpl, Duration::from_secs(10))).await;
+    let mut out = HashMap::new();
+    match result {
+        Ok(Ok(tpl)) => {
+            for e in tpl.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    out.insert((e.topic().to_owned(), e.partition()), o);
+                }
+            }
+        }
+        Ok(Err(error)) => tracing::warn!(%error, "reading committed offsets failed; trusting the broker's positions"),
+        Err(error) => tracing::warn!(%error, "reading committed offsets failed; trusting the broker's positions"),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_takes_the_expected_record_at_once_on_a_kafka_broker() {
+        let mut c = Cursor::default();
+        assert_eq!(c.check(7), Positioned::Take, "no expectation");
+        c.expect(10);
+        assert_eq!(c.check(10), Positioned::Take);
+        assert_eq!(c.check(11), Positioned::Take);
+    }
+
+    #[test]
+    fn a_cursor_seeks_back_until_the_batch_holding_the_offset_arrives() {
+        let mut c = Cursor::default();
+        c.expect(100);
+        // Batches start at 90 and 120; the broker skipped to 120.
+        assert_eq!(c.check(120), Positioned::SeekBack(99));
+        assert_eq!(c.check(120), Positioned::SeekBack(96));
+        assert_eq!(c.check(120), Positioned::SeekBack(84));
+        for o in 90..100 {
+            assert_eq!(c.check(o), Positioned::Drop);
+        }
+        assert_eq!(c.check(100), Positioned::Take);
+        assert_eq!(c.check(101), Positioned::Take);
+    }
+
+    #[test]
+    fn a_cursor_accepts_a_gap_and_gives_up_at_the_start() {
+        let mut c = Cursor::default();
+        c.expect(5);
+        assert_eq!(c.check(3), Positioned::Drop);
+        assert_eq!(c.check(8), Positioned::Take, "offset 5 does not exist");
+        c.expect(2);
+        assert_eq!(c.check(9), Positioned::SeekBack(1));
+        assert_eq!(c.check(9), Positioned::SeekBack(0));
+        assert_eq!(c.check(9), Positioned::Take, "nothing earlier exists");
+    }
+
+    #[test]
+    fn a_stalled_cursor_steps_back_too() {
+        let mut c = Cursor::default();
+        assert_eq!(c.stalled(), None);
+        c.expect(7);
+        assert_eq!(c.stalled(), Some(6));
+        assert_eq!(c.stalled(), Some(3));
+        assert_eq!(c.stalled(), Some(0));
+        assert_eq!(c.stalled(), None);
+        assert_eq!(c.check(0), Positioned::Drop);
+        assert_eq!(c.check(7), Positioned::Take);
     }
 }

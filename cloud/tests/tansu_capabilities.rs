@@ -147,3 +147,54 @@ async fn a_second_member_triggers_a_rebalance() -> anyhow::Result<()> {
     assert!(a_log.iter().any(|e| e.starts_with("revoke")), "{a_log:?}");
     Ok(())
 }
+
+/// tansu 0.6 in memory answers a fetch inside a record batch with the *next* batch; the
+/// aggregator's [`Cursor`] seeks back until the expected record arrives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fetch_inside_a_batch_is_realigned_by_the_cursor() -> anyhow::Result<()> {
+    use edgeflow_aggregator::kafka::{Cursor, Positioned};
+    let tansu = Tansu::start(TansuStorage::Memory)?;
+    let bootstrap = tansu.bootstrap();
+    kafka::create_topics(&bootstrap, &[("b", 1)]).await?;
+    let p = producer(&bootstrap)?;
+    // Twenty records enqueued before any is delivered: one or a few batches.
+    let futures: Vec<_> = (0..20)
+        .map(|i| {
+            p.send_result(FutureRecord::<(), _>::to("b").partition(0).payload(&format!("v{i}"))).map_err(|(e, _)| e)
+        })
+        .collect::<Result<_, _>>()?;
+    for f in futures {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    let c = consumer(&bootstrap, "cursor", rdkafka::consumer::DefaultConsumerContext)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("b", 0, Offset::Offset(7))?;
+    c.assign(&tpl)?;
+    let mut cursor = Cursor::default();
+    cursor.expect(7);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut taken = Vec::new();
+    let mut seeks = 0;
+    while taken.len() < 3 && Instant::now() < deadline {
+        let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else {
+            // The batch holding offset 7 is the partition's last: tansu delivers nothing.
+            if cursor.is_stalled(Duration::from_secs(1))
+                && let Some(to) = cursor.stalled()
+            {
+                seeks += 1;
+                c.seek("b", 0, Offset::Offset(to), Duration::from_secs(10))?;
+            }
+            continue;
+        };
+        match cursor.check(m.offset()) {
+            Positioned::Take => taken.push(m.offset()),
+            Positioned::Drop => {}
+            Positioned::SeekBack(to) => {
+                seeks += 1;
+                c.seek("b", 0, Offset::Offset(to), Duration::from_secs(10))?;
+            }
+        }
+    }
+    assert_eq!(taken, vec![7, 8, 9], "after {seeks} seeks back");
+    Ok(())
+}

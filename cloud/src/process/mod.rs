@@ -51,7 +51,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::control::{Checkpoint, ControlKind, Tick};
-use crate::kafka::{self, Assignment, ControlProducer, KafkaHealth, KafkaSetupError, StageConsumer, StageContext};
+use crate::kafka::{
+    self, Assignment, ControlProducer, Cursor, KafkaHealth, KafkaSetupError, Positioned, StageConsumer, StageContext,
+};
 use crate::metrics::{KindLabels, Metrics, ReasonLabels, ScopeLabels, Stage, StageLabels};
 use crate::processed::Processed;
 use acks::{AckTracker, OutputContext};
@@ -69,16 +71,15 @@ pub enum ProcessError {
     Delivery(String),
 }
 
+/// How long a partition may wait for an expected record before stepping back (see [`Cursor`]).
+const STALL: Duration = Duration::from_secs(2);
+
 /// What a partition is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Assigned; the first record decides whether state is restored.
     AwaitFirst,
-    /// Restored from the checkpoint at offset `checkpoint_offset` and sought back; records
-    /// beyond it are stale deliveries from before the seek.
-    Seeking {
-        checkpoint_offset: i64,
-    },
+    /// Processing (after a restore, from the checkpoint's resume offset).
     Active,
 }
 
@@ -94,6 +95,8 @@ struct Slot {
     last_checkpoint: Instant,
     last_input: Instant,
     tick_sent: Option<Instant>,
+    /// Where the next record must come from (see [`Cursor`]).
+    cursor: Cursor,
     /// Cancels this slot's checkpoint task on revocation.
     token: CancellationToken,
     generation: u64,
@@ -192,11 +195,11 @@ impl ProcessStage {
                 _ = shutdown.cancelled() => break Ok(()),
                 Some(done) = self.done_rx.recv() => self.checkpoint_done(done),
                 _ = housekeeping.tick() => {
-                    self.handle_rebalance();
+                    self.handle_rebalance().await;
                     self.housekeeping();
                 }
                 message = consumer.recv() => {
-                    self.handle_rebalance();
+                    self.handle_rebalance().await;
                     match message {
                         Ok(m) => self.handle(&m).await,
                         Err(error) => tracing::debug!(%error, "raw-data consumer error"),
@@ -208,7 +211,7 @@ impl ProcessStage {
         result
     }
 
-    fn handle_rebalance(&mut self) {
+    async fn handle_rebalance(&mut self) {
         for event in self.consumer.context().take_events() {
             match event {
                 Assignment::Revoked(parts) => {
@@ -221,7 +224,12 @@ impl ProcessStage {
                 }
                 Assignment::Assigned(parts) => {
                     tracing::info!(partitions = %kafka::describe(&parts), "raw-data partitions assigned");
-                    for (_, p) in parts {
+                    let committed = kafka::committed(&self.consumer, &parts).await;
+                    for (topic, p) in parts {
+                        let mut cursor = Cursor::default();
+                        if let Some(x) = committed.get(&(topic, p)) {
+                            cursor.expect(*x);
+                        }
                         self.generation += 1;
                         self.slots.insert(
                             p,
@@ -236,6 +244,7 @@ impl ProcessStage {
                                 tick_sent: None,
                                 token: CancellationToken::new(),
                                 generation: self.generation,
+                                cursor,
                             },
                         );
                     }
@@ -256,6 +265,17 @@ impl ProcessStage {
             tracing::debug!(partition = p, offset, "record of an unassigned partition ignored");
             return;
         };
+        match slot.cursor.check(offset) {
+            Positioned::Take => {}
+            Positioned::Drop => return,
+            Positioned::SeekBack(to) => {
+                tracing::info!(partition = p, offset, expected = ?slot.cursor.expected(), seek_to = to, "the broker skipped the expected offset; seeking back");
+                if let Err(error) = kafka::seek(&self.consumer, &self.settings.kafka.raw_topic, p, to) {
+                    tracing::warn!(partition = p, %error, "seeking back failed");
+                }
+                return;
+            }
+        }
         match slot.phase {
             Phase::AwaitFirst => {
                 if control == Some(Some(ControlKind::Checkpoint)) {
@@ -270,13 +290,15 @@ impl ProcessStage {
                             );
                             slot.processor = Processor::new(p, self.rules, checkpoint.state);
                             slot.position = resume;
-                            slot.phase = Phase::Seeking { checkpoint_offset: offset };
+                            slot.phase = Phase::Active;
                             slot.last_checkpoint = Instant::now();
+                            slot.cursor.expect(resume);
                             if let Err(error) = kafka::seek(&self.consumer, &self.settings.kafka.raw_topic, p, resume) {
-                                tracing::warn!(partition = p, %error, "seek to the checkpoint's resume offset failed; restarting the partition");
-                                // Without the seek the log and the state would disagree. Start
-                                // over: the next assignment reads the checkpoint again.
+                                tracing::warn!(partition = p, %error, "seek to the checkpoint's resume offset failed; reading the checkpoint again");
+                                // Without the seek the log and the state would disagree: go back
+                                // to the checkpoint and restore again.
                                 slot.phase = Phase::AwaitFirst;
+                                slot.cursor.expect(offset);
                                 let _ = kafka::seek(&self.consumer, &self.settings.kafka.raw_topic, p, offset);
                             }
                             return;
@@ -303,23 +325,6 @@ impl ProcessStage {
                     slot.position = offset + 1;
                     return;
                 }
-            }
-            Phase::Seeking { checkpoint_offset } => {
-                // The seek waited until librdkafka dropped what it had prefetched, so the next
-                // record is the resume offset; anything else is a bug worth seeing.
-                if offset != slot.position {
-                    tracing::warn!(
-                        partition = p,
-                        offset,
-                        expected = slot.position,
-                        checkpoint_offset,
-                        "unexpected offset after seeking"
-                    );
-                }
-                if offset < slot.position {
-                    return;
-                }
-                slot.phase = Phase::Active;
             }
             Phase::Active => {
                 if offset < slot.position {
@@ -443,6 +448,14 @@ impl ProcessStage {
             let Some(slot) = self.slots.get_mut(&p) else { continue };
             open_windows += slot.processor.open_windows();
             oldest_checkpoint = oldest_checkpoint.max(slot.last_checkpoint.elapsed());
+            if slot.cursor.is_stalled(STALL)
+                && let Some(to) = slot.cursor.stalled()
+            {
+                tracing::info!(partition = p, expected = ?slot.cursor.expected(), seek_to = to, "the expected record did not arrive; seeking back");
+                if let Err(error) = kafka::seek(&self.consumer, &self.settings.kafka.raw_topic, p, to) {
+                    tracing::warn!(partition = p, %error, "seeking back failed");
+                }
+            }
             if slot.phase != Phase::Active {
                 continue;
             }

@@ -175,10 +175,10 @@ impl Processor {
             Err(rejection) => {
                 let loose: Option<LooseProvenance<'a>> = serde_json::from_slice(value).ok();
                 let (node_id, seq) = loose.map(|l| (l.node_id, l.seq)).unwrap_or((None, None));
-                if let (Some(node), Some(seq)) = (&node_id, seq) {
-                    if self.is_duplicate(node, seq) {
-                        return Outcome { kind: OutcomeKind::Duplicate, ..Outcome::default() };
-                    }
+                if let (Some(node), Some(seq)) = (&node_id, seq)
+                    && self.is_duplicate(node, seq)
+                {
+                    return Outcome { kind: OutcomeKind::Duplicate, ..Outcome::default() };
                 }
                 out.push(Emitted {
                     dest: Dest::Own,

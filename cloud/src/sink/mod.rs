@@ -46,7 +46,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::control::{Checkpoint, ControlKind, Tick};
-use crate::kafka::{self, Assignment, ControlProducer, KafkaHealth, KafkaSetupError, StageConsumer, StageContext};
+use crate::kafka::{
+    self, Assignment, ControlProducer, Cursor, KafkaHealth, KafkaSetupError, Positioned, StageConsumer, StageContext,
+};
 use crate::metrics::{FamilyLabels, Metrics, Stage, StageLabels};
 use crate::processed::{DecodeError, Processed};
 use crate::s3::S3;
@@ -80,8 +82,9 @@ enum InputKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// Assigned; the first record decides whether state is restored.
     AwaitFirst,
-    Seeking,
+    /// Processing (after a restore, from the checkpoint's resume offset).
     Active,
 }
 
@@ -113,6 +116,8 @@ struct Slot {
     tick_sent: Option<Instant>,
     token: CancellationToken,
     generation: u64,
+    /// Where the next record must come from (see [`Cursor`]).
+    cursor: Cursor,
 }
 
 impl Slot {
@@ -162,6 +167,9 @@ impl std::fmt::Debug for SinkStage {
         f.debug_struct("SinkStage").field("partitions", &self.slots.len()).finish_non_exhaustive()
     }
 }
+
+/// How long a partition may wait for an expected record before stepping back (see [`Cursor`]).
+const STALL: Duration = Duration::from_secs(2);
 
 /// Spool files end with this; anything with it in `spool_dir` at start-up is a leftover.
 const SPOOL_SUFFIX: &str = ".spool.parquet";
@@ -241,12 +249,12 @@ impl SinkStage {
                     Ok(())
                 }
                 _ = housekeeping.tick() => {
-                    self.handle_rebalance();
+                    self.handle_rebalance().await;
                     self.housekeeping();
                     Ok(())
                 }
                 message = consumer.recv() => {
-                    self.handle_rebalance();
+                    self.handle_rebalance().await;
                     match message {
                         Ok(m) => self.handle(&m).await,
                         Err(error) => {
@@ -265,7 +273,7 @@ impl SinkStage {
         result
     }
 
-    fn handle_rebalance(&mut self) {
+    async fn handle_rebalance(&mut self) {
         for event in self.consumer.context().take_events() {
             match event {
                 Assignment::Revoked(parts) => {
@@ -281,8 +289,13 @@ impl SinkStage {
                 }
                 Assignment::Assigned(parts) => {
                     tracing::info!(partitions = %kafka::describe(&parts), "sink partitions assigned");
+                    let committed = kafka::committed(&self.consumer, &parts).await;
                     for (topic, partition) in &parts {
                         self.generation += 1;
+                        let mut cursor = Cursor::default();
+                        if let Some(x) = committed.get(&(topic.clone(), *partition)) {
+                            cursor.expect(*x);
+                        }
                         let kind = if *topic == self.settings.kafka.dlq_topic {
                             InputKind::DeadLetters
                         } else {
@@ -311,13 +324,14 @@ impl SinkStage {
                                 tick_sent: None,
                                 token: CancellationToken::new(),
                                 generation: self.generation,
+                                cursor,
                             },
                         );
                     }
-                    if self.paused {
-                        if let Err(error) = kafka::set_paused(&self.consumer, &parts, true) {
-                            tracing::warn!(%error, "pausing newly assigned partitions failed");
-                        }
+                    if self.paused
+                        && let Err(error) = kafka::set_paused(&self.consumer, &parts, true)
+                    {
+                        tracing::warn!(%error, "pausing newly assigned partitions failed");
                     }
                 }
             }
@@ -337,6 +351,17 @@ impl SinkStage {
         let Some(slot) = self.slots.get_mut(&key) else {
             return Ok(());
         };
+        match slot.cursor.check(offset) {
+            Positioned::Take => {}
+            Positioned::Drop => return Ok(()),
+            Positioned::SeekBack(to) => {
+                tracing::info!(topic = %key.0, partition = key.1, offset, expected = ?slot.cursor.expected(), seek_to = to, "the broker skipped the expected offset; seeking back");
+                if let Err(error) = kafka::seek(&self.consumer, &key.0, key.1, to) {
+                    tracing::warn!(topic = %key.0, partition = key.1, %error, "seeking back failed");
+                }
+                return Ok(());
+            }
+        }
         match slot.phase {
             Phase::AwaitFirst => {
                 if control == Some(Some(ControlKind::Checkpoint)) {
@@ -354,10 +379,12 @@ impl SinkStage {
                             slot.last_checkpoint = Some(m.payload().unwrap_or_default().to_vec());
                             slot.machine = PartitionSink::new(grace, resume, checkpoint.state);
                             slot.position = resume;
-                            slot.phase = Phase::Seeking;
+                            slot.phase = Phase::Active;
+                            slot.cursor.expect(resume);
                             if let Err(error) = kafka::seek(&self.consumer, &key.0, key.1, resume) {
                                 tracing::warn!(topic = %key.0, partition = key.1, %error, "seek to the checkpoint's resume offset failed; reading the checkpoint again");
                                 slot.phase = Phase::AwaitFirst;
+                                slot.cursor.expect(offset);
                                 let _ = kafka::seek(&self.consumer, &key.0, key.1, offset);
                             }
                             return Ok(());
@@ -378,12 +405,6 @@ impl SinkStage {
                 }
                 slot.phase = Phase::Active;
                 slot.position = offset;
-            }
-            Phase::Seeking => {
-                if offset < slot.position {
-                    return Ok(());
-                }
-                slot.phase = Phase::Active;
             }
             Phase::Active => {
                 if offset < slot.position {
@@ -541,10 +562,10 @@ impl SinkStage {
                 manifest_key,
                 manifest,
             };
-            if let Some(jobs) = &self.jobs {
-                if jobs.send(job).await.is_err() {
-                    tracing::warn!("the upload task is gone; the group will be replayed");
-                }
+            if let Some(jobs) = &self.jobs
+                && jobs.send(job).await.is_err()
+            {
+                tracing::warn!("the upload task is gone; the group will be replayed");
             }
         }
         Ok(())
@@ -576,6 +597,14 @@ impl SinkStage {
                 (a, b) => a.or(b),
             };
             oldest_checkpoint = oldest_checkpoint.max(slot.last_checkpoint_at.elapsed());
+            if slot.cursor.is_stalled(STALL)
+                && let Some(to) = slot.cursor.stalled()
+            {
+                tracing::info!(topic = %key.0, partition = key.1, expected = ?slot.cursor.expected(), seek_to = to, "the expected record did not arrive; seeking back");
+                if let Err(error) = kafka::seek(&self.consumer, &key.0, key.1, to) {
+                    tracing::warn!(topic = %key.0, partition = key.1, %error, "seeking back failed");
+                }
+            }
             if slot.phase != Phase::Active {
                 continue;
             }

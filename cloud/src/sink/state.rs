@@ -456,7 +456,7 @@ impl PartitionSink {
         self.done.retain(|d| d.seal_offset >= resume);
         let mut phantoms: Vec<Phantom> =
             self.done.iter().filter(|d| d.phantom.file.first_offset < resume).map(|d| d.phantom.clone()).collect();
-        phantoms.sort_by(|a, b| a.key.cmp(&b.key));
+        phantoms.sort_by_key(|p| p.key);
         (resume, SinkState { small, phantoms })
     }
 }
@@ -634,10 +634,13 @@ mod tests {
             format!("{}_{}_{}_{first}", key.family.as_str(), key.hour_ms, key.late)
         }
 
+        /// A sealed file: its key and its rows (input offsets).
+        type SealedFile = (String, Vec<i64>);
+
         struct Shell {
             m: PartitionSink,
             rows: BTreeMap<i64, Vec<i64>>,
-            sealed: Vec<(SealGroup, Vec<(String, Vec<i64>)>)>,
+            sealed: Vec<(SealGroup, Vec<SealedFile>)>,
             manifests: BTreeMap<String, Vec<String>>,
         }
 

@@ -26,6 +26,19 @@ pub const DLQ: &str = "raw-data-dlq";
 /// 2024-12-26T10:00:00Z: hour 10 of the test data.
 pub const H10: i64 = 1_735_207_200_000;
 pub const MIN: i64 = 60_000;
+
+/// The consumers' session timeout in these tests.
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// After a `kill -9`, waits until the broker must have expired the dead member.
+///
+/// tansu 0.6 does not rebalance a group whose dead leader is expired while a new member is
+/// joining: the newcomer gets an empty assignment and heartbeats succeed forever. A replacement
+/// is therefore started only once the session timeout has passed; tansu lists no group
+/// membership (DescribeGroups returns nothing), so there is no event to wait for instead.
+pub async fn wait_out_dead_member() {
+    tokio::time::sleep(SESSION_TIMEOUT + Duration::from_secs(2)).await;
+}
 pub const HOUR: i64 = 3_600_000;
 
 /// Real servers, topics and a bucket.
@@ -65,7 +78,13 @@ impl Env {
                 Err(e) => return Err(e).context("creating the bucket"),
             }
         }
-        Ok(Self { tansu, moto, s3_proxy, s3, partitions, dir: tempfile::tempdir()? })
+        // EDGEFLOW_TEST_KEEP=1 keeps configurations, spools and the aggregators' logs.
+        let keep = std::env::var_os("EDGEFLOW_TEST_KEEP").is_some();
+        let dir = tempfile::Builder::new().prefix("aggregator-test").disable_cleanup(keep).tempdir()?;
+        if keep {
+            eprintln!("test files kept in {}", dir.path().display());
+        }
+        Ok(Self { tansu, moto, s3_proxy, s3, partitions, dir })
     }
 
     pub fn bootstrap(&self) -> String {
@@ -86,6 +105,7 @@ impl Env {
         let spool = self.spool_dir(name);
         let mut sections: Vec<(&str, Vec<(String, String)>)> = vec![
             ("kafka", vec![("brokers".into(), q(&self.bootstrap())), ("group_id".into(), q("agg"))]),
+            ("kafka.properties", vec![("\"session.timeout.ms\"".into(), q(&SESSION_TIMEOUT.as_millis().to_string()))]),
             (
                 "process",
                 vec![
@@ -358,4 +378,100 @@ pub fn metric(exposition: &str, series: &str) -> Option<f64> {
     exposition.lines().find_map(|l| {
         l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
     })
+}
+
+/// The aggregator binary running as a child process (for `kill -9`).
+pub struct Proc {
+    pub child: edgeflow_testkit::Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `edgeflow-aggregator <command> --config …` with test credentials in its
+    /// environment (the default AWS chain reads them).
+    pub fn spawn(env: &Env, name: &str, command: &str, overrides: &[(&str, &str)]) -> Result<Self> {
+        let port = edgeflow_testkit::free_port();
+        let listen = format!("\"127.0.0.1:{port}\"");
+        let mut all: Vec<(&str, &str)> = overrides.to_vec();
+        all.push(("metrics.listen", &listen));
+        let config = env.config_file(name, &all)?;
+        let log = env.dir.path().join(format!("{name}.log"));
+        let mut cmd = std::process::Command::new(binary());
+        cmd.arg(command)
+            .arg("--config")
+            .arg(&config)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("RUST_LOG", "info,edgeflow_aggregator=debug");
+        let child = edgeflow_testkit::Child::spawn(name, cmd, Some(&log))?;
+        edgeflow_testkit::wait_for_port(port, Duration::from_secs(60))
+            .with_context(|| format!("{name} did not start; see {}", log.display()))?;
+        Ok(Self { child, port, log })
+    }
+
+    /// Scrapes `/metrics`.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(http_get(self.port, "/metrics").await?.1)
+    }
+
+    /// Waits until a metric reaches `at_least`.
+    pub async fn wait_metric(&self, series: &str, at_least: f64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.metrics().await.unwrap_or_default();
+            if metric(&text, series).is_some_and(|v| v >= at_least) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{series} did not reach {at_least} within {timeout:?}; log: {}", self.log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Runs `verify` until it reports `expected` records with nothing missing or duplicated and
+/// every aggregate matching (the pipeline is eventually complete), or the timeout passes.
+pub async fn wait_verified(env: &Env, expected: u64, timeout: Duration) -> Result<edgeflow_aggregator::verify::Report> {
+    let s3 = edgeflow_aggregator::s3::S3::new(&env.settings("verify", &[])?.s3).await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let report = edgeflow_aggregator::verify::verify(&s3, PREFIX).await?;
+        if report.ok && report.totals.records == expected {
+            return Ok(report);
+        }
+        if Instant::now() > deadline {
+            bail!("not complete after {timeout:?} (expected {expected} records):\n{}", report.render());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Checks that every Parquet object is listed by exactly one manifest and every listed file
+/// exists: no orphan left by a crashed run.
+pub async fn check_manifests(env: &Env) -> Result<()> {
+    let keys = env.keys().await?;
+    let mut listed: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for key in keys.iter().filter(|k| k.contains("/_manifest_")) {
+        let body = env.s3.get_object().bucket(BUCKET).key(key).send().await?.body.collect().await?.into_bytes();
+        let m: serde_json::Value = serde_json::from_slice(&body)?;
+        for f in m["files"].as_array().context("files")? {
+            *listed.entry(f["key"].as_str().context("key")?.to_owned()).or_default() += 1;
+        }
+    }
+    let objects: Vec<&String> = keys.iter().filter(|k| k.ends_with(".parquet")).collect();
+    for o in &objects {
+        let n = listed.get(*o).copied().unwrap_or(0);
+        if n != 1 {
+            bail!("{o} is listed by {n} manifests");
+        }
+    }
+    for l in listed.keys() {
+        if !keys.contains(l) {
+            bail!("manifest lists {l}, which is not in S3");
+        }
+    }
+    Ok(())
 }
