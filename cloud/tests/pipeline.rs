@@ -406,3 +406,44 @@ async fn the_sink_drops_process_replays_across_sealed_hours() -> Result<()> {
     );
     agg.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_partitions_close_windows_and_seal_hours_through_ticks() -> Result<()> {
+    init_logging();
+    let env = Env::start(2).await?;
+    let idle = [("process.idle_timeout", "\"1s\""), ("sink.idle_timeout", "\"1s\"")];
+    let agg = Running::start(env.settings("a", &idle)?, Stages::Both);
+    let p = producer(&env.bootstrap())?;
+    // A few readings in the middle of hour 10, then silence: no later event time ever arrives.
+    produce(
+        &p,
+        RAW,
+        &[
+            (0, "d0", raw("d0", at(30, 0), 20.0, 50.0, "OK", "n0", 1)),
+            (0, "d0", raw("d0", at(30, 20), 22.0, 50.0, "OK", "n0", 2)),
+            (1, "d1", raw("d1", at(31, 0), 30.0, 50.0, "OK", "n1", 1)),
+        ],
+    )
+    .await?;
+    let manifests = [env.manifest_key(H10, PROCESSED, 0), env.manifest_key(H10, PROCESSED, 1)];
+    env.wait_for_keys(Duration::from_secs(60), "hour 10 sealed by ticks", |k| manifests.iter().all(|m| k.contains(m)))
+        .await?;
+    let report = wait_verified(&env, 3, Duration::from_secs(60)).await?;
+    assert_eq!(
+        report.aggregates.windows_checked, 4,
+        "d0 and d1 windows, and the all-devices windows of 10:30 and 10:31"
+    );
+
+    // The ticks are in the log, marked by the control header, so a replay decides the same.
+    let bootstrap = env.bootstrap();
+    let raw_log = tokio::task::spawn_blocking(move || {
+        edgeflow_testkit::kafka::consume_until(&bootstrap, RAW, Duration::from_secs(20), |m| {
+            m.iter().any(|m| m.headers.iter().any(|(k, v)| k == "edgeflow-control" && v == b"tick"))
+        })
+    })
+    .await??;
+    let tick = raw_log.iter().find(|m| m.headers.iter().any(|(_, v)| v == b"tick")).expect("a tick");
+    let value: serde_json::Value = serde_json::from_slice(&tick.value)?;
+    assert!(value["time_ms"].as_i64().is_some_and(|t| t > H10 + HOUR), "{value}");
+    agg.stop().await
+}
