@@ -62,7 +62,14 @@ pub fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000");
-    for (k, v) in [("session.timeout.ms", "10000"), ("heartbeat.interval.ms", "1000"), ("fetch.wait.max.ms", "100")] {
+    // The prefetch queue is bounded well below librdkafka's 64 MiB default: memory stays flat
+    // whatever the backlog.
+    for (k, v) in [
+        ("session.timeout.ms", "10000"),
+        ("heartbeat.interval.ms", "1000"),
+        ("fetch.wait.max.ms", "100"),
+        ("queued.max.messages.kbytes", "16384"),
+    ] {
         if !settings.properties.iter().any(|(key, _)| key == k) {
             c.set(k, v);
         }
@@ -75,7 +82,15 @@ pub fn consumer_config(settings: &KafkaSettings, group: &str) -> ClientConfig {
 pub fn producer_config(settings: &KafkaSettings) -> ClientConfig {
     let mut c = base_config(settings);
     c.set("enable.idempotence", "true").set("acks", "all").set("message.timeout.ms", "0");
-    for (k, v) in [("compression.type", "lz4"), ("linger.ms", "5"), ("statistics.interval.ms", "0")] {
+    // The producer queue is bounded (librdkafka's default is 1 GiB): when Kafka is slower than
+    // the stage, the stage waits instead of buffering.
+    for (k, v) in [
+        ("compression.type", "lz4"),
+        ("linger.ms", "5"),
+        ("statistics.interval.ms", "0"),
+        ("queue.buffering.max.kbytes", "32768"),
+        ("queue.buffering.max.messages", "100000"),
+    ] {
         if !settings.properties.iter().any(|(key, _)| key == k) {
             c.set(k, v);
         }
@@ -257,8 +272,12 @@ impl std::fmt::Debug for ControlProducer {
 impl ControlProducer {
     pub fn new(settings: &KafkaSettings) -> Result<Self, KafkaSetupError> {
         let mut config = producer_config(settings);
-        // Checkpoints can be large; never hold them back for batching.
+        // Checkpoints can be large (they grow with devices per partition) and compress well;
+        // the broker's limit applies to the compressed batch. Never hold them back for batching.
         config.set("linger.ms", "0");
+        if !settings.properties.iter().any(|(k, _)| k == "message.max.bytes") {
+            config.set("message.max.bytes", "16777216");
+        }
         let producer =
             config.create().map_err(|source| KafkaSetupError::Client { what: "control producer", source })?;
         Ok(Self { producer })

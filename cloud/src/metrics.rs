@@ -299,3 +299,85 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
     }
 }
+
+/// The counters `process` touches per record, looked up once (a family lookup hashes and
+/// allocates its labels).
+#[derive(Debug, Clone)]
+pub struct ProcessCounters {
+    pub consumed: Counter,
+    pub filtered: Counter,
+    pub rejected: [Counter; 2],
+    pub duplicates: Counter,
+    pub late: Counter,
+    pub windows_device: Counter,
+    pub windows_all: Counter,
+    /// By [`crate::processed::Kind`] in declaration order.
+    pub produced: [Counter; 4],
+    deadletters: Family<ReasonLabels, Counter>,
+}
+
+impl ProcessCounters {
+    /// Counts a dead letter by reason (rare: looked up when it happens).
+    pub fn deadletter(&self, reason: &str) {
+        self.deadletters.get_or_create_owned(&ReasonLabels { reason: reason.into() }).inc();
+    }
+
+    /// The rejected counter of a filter reason.
+    pub fn rejected(&self, reason: FilterReason) -> &Counter {
+        match reason {
+            FilterReason::StatusNotOk => &self.rejected[0],
+            FilterReason::TemperatureAboveMax => &self.rejected[1],
+        }
+    }
+}
+
+/// The counters `sink` touches per record.
+#[derive(Debug, Clone)]
+pub struct SinkCounters {
+    pub consumed_processed: Counter,
+    pub consumed_dlq: Counter,
+    pub duplicates: Counter,
+    pub replay_skipped: Counter,
+    pub foreign: Counter,
+    /// By [`FileFamily`] in declaration order.
+    pub rows_written: [Counter; 4],
+}
+
+impl SinkCounters {
+    pub fn rows_written(&self, family: FileFamily) -> &Counter {
+        &self.rows_written[family as usize]
+    }
+}
+
+impl Metrics {
+    /// The per-record counters of `process` reading `raw_topic`.
+    pub fn process_counters(&self, raw_topic: &str) -> ProcessCounters {
+        let reason = |r: FilterReason| self.rejected.get_or_create_owned(&ReasonLabels { reason: r.as_str().into() });
+        let kind = |k: &str| self.produced.get_or_create_owned(&KindLabels { kind: k.into() });
+        let scope = |s: &str| self.windows.get_or_create_owned(&ScopeLabels { scope: s.into() });
+        ProcessCounters {
+            consumed: self.topic(Stage::process, raw_topic),
+            filtered: self.filtered.clone(),
+            rejected: [reason(FilterReason::StatusNotOk), reason(FilterReason::TemperatureAboveMax)],
+            duplicates: self.duplicates.get_or_create_owned(&StageLabels { stage: Stage::process }),
+            late: self.late.clone(),
+            windows_device: scope("device"),
+            windows_all: scope("all"),
+            produced: [kind("filtered"), kind("rejected"), kind("aggregate"), kind("deadletter")],
+            deadletters: self.deadletters.clone(),
+        }
+    }
+
+    /// The per-record counters of `sink`.
+    pub fn sink_counters(&self, processed_topic: &str, dlq_topic: &str) -> SinkCounters {
+        let family = |f: FileFamily| self.rows_written.get_or_create_owned(&FamilyLabels { family: f.as_str().into() });
+        SinkCounters {
+            consumed_processed: self.topic(Stage::sink, processed_topic),
+            consumed_dlq: self.topic(Stage::sink, dlq_topic),
+            duplicates: self.duplicates.get_or_create_owned(&StageLabels { stage: Stage::sink }),
+            replay_skipped: self.replay_skipped.clone(),
+            foreign: self.foreign.clone(),
+            rows_written: FileFamily::ALL.map(family),
+        }
+    }
+}

@@ -437,7 +437,7 @@ async fn idle_partitions_close_windows_and_seal_hours_through_ticks() -> Result<
     // The ticks are in the log, marked by the control header, so a replay decides the same.
     let bootstrap = env.bootstrap();
     let raw_log = tokio::task::spawn_blocking(move || {
-        edgeflow_testkit::kafka::consume_until(&bootstrap, RAW, Duration::from_secs(20), |m| {
+        kafka::consume_until(&bootstrap, RAW, Duration::from_secs(20), |m| {
             m.iter().any(|m| m.headers.iter().any(|(k, v)| k == "edgeflow-control" && v == b"tick"))
         })
     })

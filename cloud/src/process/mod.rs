@@ -54,7 +54,7 @@ use crate::control::{Checkpoint, ControlKind, Tick};
 use crate::kafka::{
     self, Assignment, ControlProducer, Cursor, KafkaHealth, KafkaSetupError, Positioned, StageConsumer, StageContext,
 };
-use crate::metrics::{KindLabels, Metrics, ReasonLabels, ScopeLabels, Stage, StageLabels};
+use crate::metrics::{Metrics, ProcessCounters, Stage, StageLabels};
 use crate::processed::Processed;
 use acks::{AckTracker, OutputContext};
 use window::{Dest, Emitted, OutcomeKind, Processor, Rules, WindowState};
@@ -123,7 +123,7 @@ pub struct ProcessStage {
     generation: u64,
     done_tx: mpsc::UnboundedSender<CheckpointDone>,
     done_rx: mpsc::UnboundedReceiver<CheckpointDone>,
-    consumed: prometheus_client::metrics::counter::Counter,
+    counters: ProcessCounters,
     out: Vec<u8>,
 }
 
@@ -162,7 +162,7 @@ impl ProcessStage {
             temperature_max: settings.process.temperature_max,
             allowed_lateness_ms: settings.process.allowed_lateness.as_millis() as i64,
         };
-        let consumed = metrics.topic(Stage::process, &k.raw_topic);
+        let counters = metrics.process_counters(&k.raw_topic);
         Ok(Self {
             settings: settings.clone(),
             rules,
@@ -175,7 +175,7 @@ impl ProcessStage {
             generation: 0,
             done_tx,
             done_rx,
-            consumed,
+            counters,
             out: Vec::with_capacity(512),
         })
     }
@@ -343,14 +343,8 @@ impl ProcessStage {
                 match Tick::parse(m.payload().unwrap_or_default()) {
                     Ok(tick) => {
                         let outcome = slot.processor.tick(offset, tick.time_ms, &mut emitted);
-                        self.metrics
-                            .windows
-                            .get_or_create_owned(&ScopeLabels { scope: "device".into() })
-                            .inc_by(outcome.device_windows.into());
-                        self.metrics
-                            .windows
-                            .get_or_create_owned(&ScopeLabels { scope: "all".into() })
-                            .inc_by(outcome.partial_windows.into());
+                        self.counters.windows_device.inc_by(outcome.device_windows.into());
+                        self.counters.windows_all.inc_by(outcome.partial_windows.into());
                     }
                     Err(error) => tracing::warn!(partition = p, offset, %error, "unreadable tick skipped"),
                 }
@@ -361,39 +355,31 @@ impl ProcessStage {
             }
             None => {
                 slot.dirty = true;
-                self.consumed.inc();
+                let c = &self.counters;
+                c.consumed.inc();
                 let value = m.payload().unwrap_or_default();
                 let outcome = slot.processor.record(offset, value, kafka::timestamp_ms(m), &mut emitted);
-                let metrics = &self.metrics;
                 match outcome.kind {
                     OutcomeKind::Filtered => {
-                        metrics.filtered.inc();
+                        c.filtered.inc();
                     }
                     OutcomeKind::Rejected(reason) => {
-                        metrics.rejected.get_or_create_owned(&ReasonLabels { reason: reason.as_str().into() }).inc();
+                        c.rejected(reason).inc();
                     }
                     OutcomeKind::Duplicate => {
-                        metrics.duplicates.get_or_create_owned(&StageLabels { stage: Stage::process }).inc();
+                        c.duplicates.inc();
                     }
-                    OutcomeKind::DeadLetter(reason) => {
-                        metrics.deadletters.get_or_create_owned(&ReasonLabels { reason: reason.into() }).inc();
-                    }
+                    OutcomeKind::DeadLetter(reason) => c.deadletter(reason),
                     OutcomeKind::Tick => {}
                 }
                 if outcome.late {
-                    metrics.late.inc();
+                    c.late.inc();
                 }
                 if outcome.device_windows > 0 {
-                    metrics
-                        .windows
-                        .get_or_create_owned(&ScopeLabels { scope: "device".into() })
-                        .inc_by(outcome.device_windows.into());
+                    c.windows_device.inc_by(outcome.device_windows.into());
                 }
                 if outcome.partial_windows > 0 {
-                    metrics
-                        .windows
-                        .get_or_create_owned(&ScopeLabels { scope: "all".into() })
-                        .inc_by(outcome.partial_windows.into());
+                    c.windows_all.inc_by(outcome.partial_windows.into());
                 }
             }
         }
@@ -435,7 +421,7 @@ impl ProcessStage {
                 }
             }
         }
-        self.metrics.produced.get_or_create_owned(&KindLabels { kind: value.kind().as_str().into() }).inc();
+        self.counters.produced[value.kind() as usize].inc();
     }
 
     fn housekeeping(&mut self) {

@@ -49,7 +49,7 @@ use crate::control::{Checkpoint, ControlKind, Tick};
 use crate::kafka::{
     self, Assignment, ControlProducer, Cursor, KafkaHealth, KafkaSetupError, Positioned, StageConsumer, StageContext,
 };
-use crate::metrics::{FamilyLabels, Metrics, Stage, StageLabels};
+use crate::metrics::{Metrics, SinkCounters, Stage, StageLabels};
 use crate::processed::{DecodeError, Processed};
 use crate::s3::S3;
 use keys::{KeyScheme, Manifest};
@@ -73,8 +73,11 @@ pub enum SinkError {
     Spool(#[from] SpoolError),
 }
 
+/// A partition of one of the sink's inputs.
+type SlotKey = (InputKind, i32);
+
 /// Which input topic a partition belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum InputKind {
     Processed,
     DeadLetters,
@@ -149,7 +152,7 @@ pub struct SinkStage {
     consumer: Arc<StageConsumer>,
     control: ControlProducer,
     metrics: Metrics,
-    slots: HashMap<(String, i32), Slot>,
+    slots: HashMap<SlotKey, Slot>,
     generation: u64,
     jobs: Option<mpsc::Sender<UploadJob>>,
     uploaded: mpsc::UnboundedReceiver<UploadDone>,
@@ -158,8 +161,7 @@ pub struct SinkStage {
     uploader: Option<(Uploader, mpsc::Receiver<UploadJob>, mpsc::UnboundedSender<UploadDone>)>,
     props: ::parquet::file::properties::WriterProperties,
     paused: bool,
-    consumed_processed: prometheus_client::metrics::counter::Counter,
-    consumed_dlq: prometheus_client::metrics::counter::Counter,
+    counters: SinkCounters,
 }
 
 impl std::fmt::Debug for SinkStage {
@@ -201,8 +203,7 @@ impl SinkStage {
             metrics: metrics.clone(),
             health: s3_health,
         };
-        let consumed_processed = metrics.topic(Stage::sink, &k.processed_topic);
-        let consumed_dlq = metrics.topic(Stage::sink, &k.dlq_topic);
+        let counters = metrics.sink_counters(&k.processed_topic, &k.dlq_topic);
         Ok(Self {
             settings: settings.clone(),
             consumer,
@@ -217,8 +218,7 @@ impl SinkStage {
             uploader: Some((uploader, jobs_rx, done_tx)),
             props: parquet::writer_properties(settings.sink.row_group_rows.get()),
             paused: false,
-            consumed_processed,
-            consumed_dlq,
+            counters,
         })
     }
 
@@ -278,8 +278,8 @@ impl SinkStage {
             match event {
                 Assignment::Revoked(parts) => {
                     tracing::info!(partitions = %kafka::describe(&parts), "sink partitions revoked");
-                    for key in parts {
-                        if let Some(slot) = self.slots.remove(&key) {
+                    for (topic, partition) in parts {
+                        if let Some(slot) = self.slots.remove(&(self.kind_of(&topic), partition)) {
                             slot.token.cancel();
                             for (_, f) in slot.files {
                                 f.spool.discard();
@@ -302,7 +302,7 @@ impl SinkStage {
                             InputKind::Processed
                         };
                         self.slots.insert(
-                            (topic.clone(), *partition),
+                            (kind, *partition),
                             Slot {
                                 topic: topic.clone(),
                                 partition: *partition,
@@ -339,12 +339,18 @@ impl SinkStage {
         }
     }
 
+    /// Which input a topic is (anything but the dead-letter topic is processed-data).
+    fn kind_of(&self, topic: &str) -> InputKind {
+        if topic == self.settings.kafka.dlq_topic { InputKind::DeadLetters } else { InputKind::Processed }
+    }
+
     fn grace_ms(&self) -> i64 {
         self.settings.sink.seal_grace.as_millis() as i64
     }
 
     async fn handle(&mut self, m: &BorrowedMessage<'_>) -> Result<(), SinkError> {
-        let key = (m.topic().to_owned(), m.partition());
+        let topic = m.topic();
+        let key = (self.kind_of(topic), m.partition());
         let offset = m.offset();
         let control = kafka::control_kind(m);
         let grace = self.grace_ms();
@@ -355,9 +361,9 @@ impl SinkStage {
             Positioned::Take => {}
             Positioned::Drop => return Ok(()),
             Positioned::SeekBack(to) => {
-                tracing::info!(topic = %key.0, partition = key.1, offset, expected = ?slot.cursor.expected(), seek_to = to, "the broker skipped the expected offset; seeking back");
-                if let Err(error) = kafka::seek(&self.consumer, &key.0, key.1, to) {
-                    tracing::warn!(topic = %key.0, partition = key.1, %error, "seeking back failed");
+                tracing::info!(topic, partition = key.1, offset, expected = ?slot.cursor.expected(), seek_to = to, "the broker skipped the expected offset; seeking back");
+                if let Err(error) = kafka::seek(&self.consumer, topic, key.1, to) {
+                    tracing::warn!(topic, partition = key.1, %error, "seeking back failed");
                 }
                 return Ok(());
             }
@@ -369,7 +375,7 @@ impl SinkStage {
                         Ok(checkpoint) => {
                             let resume = checkpoint.resume_offset;
                             tracing::info!(
-                                topic = %key.0,
+                                topic,
                                 partition = key.1,
                                 checkpoint_offset = offset,
                                 resume_offset = resume,
@@ -381,23 +387,27 @@ impl SinkStage {
                             slot.position = resume;
                             slot.phase = Phase::Active;
                             slot.cursor.expect(resume);
-                            if let Err(error) = kafka::seek(&self.consumer, &key.0, key.1, resume) {
-                                tracing::warn!(topic = %key.0, partition = key.1, %error, "seek to the checkpoint's resume offset failed; reading the checkpoint again");
+                            if let Err(error) = kafka::seek(&self.consumer, topic, key.1, resume) {
+                                tracing::warn!(topic, partition = key.1, %error, "seek to the checkpoint's resume offset failed; reading the checkpoint again");
                                 slot.phase = Phase::AwaitFirst;
                                 slot.cursor.expect(offset);
-                                let _ = kafka::seek(&self.consumer, &key.0, key.1, offset);
+                                let _ = kafka::seek(&self.consumer, topic, key.1, offset);
                             }
                             return Ok(());
                         }
                         Err(error) => {
-                            tracing::warn!(topic = %key.0, partition = key.1, offset, %error, "unreadable checkpoint; starting with empty state here")
+                            tracing::warn!(topic, partition = key.1, offset, %error, "unreadable checkpoint; starting with empty state here")
                         }
                     }
                 } else if offset == 0 {
-                    tracing::info!(topic = %key.0, partition = key.1, "no checkpoint yet; starting at the beginning of the partition");
+                    tracing::info!(
+                        topic,
+                        partition = key.1,
+                        "no checkpoint yet; starting at the beginning of the partition"
+                    );
                 } else {
                     tracing::warn!(
-                        topic = %key.0,
+                        topic,
                         partition = key.1,
                         offset,
                         "the committed offset does not point at a checkpoint (new group or offsets reset); starting with empty state here"
@@ -426,20 +436,19 @@ impl SinkStage {
                         self.seal(&key, step.sealed).await
                     }
                     Err(error) => {
-                        tracing::warn!(topic = %key.0, partition = key.1, offset, %error, "unreadable tick skipped");
+                        tracing::warn!(topic, partition = key.1, offset, %error, "unreadable tick skipped");
                         Ok(())
                     }
                 }
             }
             None => {
                 match slot.kind {
-                    InputKind::Processed => self.consumed_processed.inc(),
-                    InputKind::DeadLetters => self.consumed_dlq.inc(),
+                    InputKind::Processed => self.counters.consumed_processed.inc(),
+                    InputKind::DeadLetters => self.counters.consumed_dlq.inc(),
                 };
-                let source = format!("{}/{}@{}", key.0, key.1, offset);
-                let row = decode(slot.kind, payload, ts, &source);
+                let row = decode(slot.kind, payload, ts, || format!("{topic}/{}@{offset}", key.1));
                 if let Row::Foreign { .. } = row {
-                    self.metrics.foreign.inc();
+                    self.counters.foreign.inc();
                 }
                 let meta = row.meta();
                 let step = slot.machine.apply(offset, Input::Row(meta));
@@ -452,7 +461,7 @@ impl SinkStage {
     /// Appends a routed row to its bucket's spool file (opening it if the row opened the bucket).
     fn route(
         &mut self,
-        key: &(String, i32),
+        key: &SlotKey,
         offset: i64,
         ts: i64,
         decision: Option<Decision>,
@@ -462,11 +471,11 @@ impl SinkStage {
         match decision {
             None => Ok(()),
             Some(Decision::Duplicate) => {
-                self.metrics.duplicates.get_or_create_owned(&StageLabels { stage: Stage::sink }).inc();
+                self.counters.duplicates.inc();
                 Ok(())
             }
             Some(Decision::InS3) => {
-                self.metrics.replay_skipped.inc();
+                self.counters.replay_skipped.inc();
                 Ok(())
             }
             Some(Decision::Into { key: bucket, first_offset, .. }) => {
@@ -494,17 +503,14 @@ impl SinkStage {
                 });
                 file.last_offset = offset;
                 row.write(&mut file.spool, &self.settings.kafka.raw_topic)?;
-                self.metrics
-                    .rows_written
-                    .get_or_create_owned(&FamilyLabels { family: bucket.family.as_str().into() })
-                    .inc();
+                self.counters.rows_written(bucket.family).inc();
                 Ok(())
             }
         }
     }
 
     /// Finishes the files of sealed groups and hands them to the uploader.
-    async fn seal(&mut self, key: &(String, i32), groups: Vec<SealGroup>) -> Result<(), SinkError> {
+    async fn seal(&mut self, key: &SlotKey, groups: Vec<SealGroup>) -> Result<(), SinkError> {
         for group in groups {
             let Some(slot) = self.slots.get_mut(key) else { return Ok(()) };
             let mut files = Vec::new();
@@ -552,9 +558,9 @@ impl SinkStage {
             let bytes: u64 = files.iter().map(|f| f.bytes).sum();
             slot.uploading
                 .insert(group_id(&group), (bytes, if first_ts == i64::MAX { kafka::now_ms() } else { first_ts }));
-            tracing::debug!(topic = %key.0, partition = key.1, manifest = %manifest_key, files = files.len(), "group sealed");
+            tracing::debug!(topic = %slot.topic, partition = key.1, manifest = %manifest_key, files = files.len(), "group sealed");
             let job = UploadJob {
-                topic: key.0.clone(),
+                topic: slot.topic.clone(),
                 partition: key.1,
                 generation: slot.generation,
                 group,
@@ -572,7 +578,7 @@ impl SinkStage {
     }
 
     fn uploaded(&mut self, done: UploadDone) {
-        let Some(slot) = self.slots.get_mut(&(done.topic.clone(), done.partition)) else { return };
+        let Some(slot) = self.slots.get_mut(&(self.kind_of(&done.topic), done.partition)) else { return };
         if slot.generation != done.generation {
             return;
         }
@@ -586,7 +592,7 @@ impl SinkStage {
         let (mut spool, mut waiting, mut open_buckets) = (0u64, 0u64, 0usize);
         let mut oldest_ts: Option<i64> = None;
         let mut oldest_checkpoint = Duration::ZERO;
-        let keys: Vec<(String, i32)> = self.slots.keys().cloned().collect();
+        let keys: Vec<SlotKey> = self.slots.keys().copied().collect();
         for key in keys {
             let Some(slot) = self.slots.get_mut(&key) else { continue };
             spool += slot.open_bytes() + slot.uploading_bytes();
@@ -600,9 +606,9 @@ impl SinkStage {
             if slot.cursor.is_stalled(STALL)
                 && let Some(to) = slot.cursor.stalled()
             {
-                tracing::info!(topic = %key.0, partition = key.1, expected = ?slot.cursor.expected(), seek_to = to, "the expected record did not arrive; seeking back");
-                if let Err(error) = kafka::seek(&self.consumer, &key.0, key.1, to) {
-                    tracing::warn!(topic = %key.0, partition = key.1, %error, "seeking back failed");
+                tracing::info!(topic = %slot.topic, partition = key.1, expected = ?slot.cursor.expected(), seek_to = to, "the expected record did not arrive; seeking back");
+                if let Err(error) = kafka::seek(&self.consumer, &slot.topic, key.1, to) {
+                    tracing::warn!(topic = %slot.topic, partition = key.1, %error, "seeking back failed");
                 }
             }
             if slot.phase != Phase::Active {
@@ -617,7 +623,7 @@ impl SinkStage {
                 slot.tick_sent = Some(Instant::now());
                 let control = self.control.clone();
                 let ticks = self.metrics.ticks.get_or_create_owned(&StageLabels { stage: Stage::sink });
-                let (topic, partition) = key.clone();
+                let (topic, partition) = (slot.topic.clone(), slot.partition);
                 tokio::spawn(async move {
                     let tick = Tick { time_ms: kafka::now_ms() };
                     match control.append(&topic, partition, ControlKind::Tick, &tick.to_json()).await {
@@ -658,7 +664,7 @@ impl SinkStage {
     }
 
     fn set_paused(&mut self, paused: bool) {
-        let parts: Vec<(String, i32)> = self.slots.keys().cloned().collect();
+        let parts: Vec<(String, i32)> = self.slots.values().map(|s| (s.topic.clone(), s.partition)).collect();
         match kafka::set_paused(&self.consumer, &parts, paused) {
             Ok(()) => {
                 self.paused = paused;
@@ -669,7 +675,7 @@ impl SinkStage {
     }
 
     /// Writes a checkpoint for `key` if it differs from the last one.
-    fn maybe_checkpoint(&mut self, key: &(String, i32)) {
+    fn maybe_checkpoint(&mut self, key: &SlotKey) {
         let Some(slot) = self.slots.get_mut(key) else { return };
         slot.last_checkpoint_at = Instant::now();
         let (resume, state) = slot.machine.checkpoint(slot.position);
@@ -709,7 +715,7 @@ impl SinkStage {
     }
 
     fn checkpoint_done(&mut self, done: CheckpointDone) {
-        let Some(slot) = self.slots.get_mut(&(done.topic.clone(), done.partition)) else { return };
+        let Some(slot) = self.slots.get_mut(&(self.kind_of(&done.topic), done.partition)) else { return };
         if slot.generation != done.generation {
             return;
         }
@@ -745,11 +751,11 @@ impl SinkStage {
             }
         }
         upload_shutdown.cancel();
-        let keys: Vec<(String, i32)> = self
+        let keys: Vec<SlotKey> = self
             .slots
             .iter()
             .filter(|(_, s)| s.phase == Phase::Active && !s.checkpoint_in_flight)
-            .map(|(k, _)| k.clone())
+            .map(|(k, _)| *k)
             .collect();
         for key in keys {
             self.maybe_checkpoint(&key);
@@ -805,20 +811,18 @@ enum Row<'a> {
     },
 }
 
-fn decode<'a>(kind: InputKind, payload: &'a [u8], ts_ms: i64, source: &str) -> Row<'a> {
+/// Decodes a value; `source` names it when it turns out to be foreign.
+fn decode<'a>(kind: InputKind, payload: &'a [u8], ts_ms: i64, source: impl FnOnce() -> String) -> Row<'a> {
     match kind {
         InputKind::Processed => match Processed::parse(payload) {
             Ok(p) => Row::Processed(p),
-            Err(DecodeError(error)) => Row::Foreign { ts_ms, error, payload, source: source.to_owned() },
+            Err(DecodeError(error)) => Row::Foreign { ts_ms, error, payload, source: source() },
         },
         InputKind::DeadLetters => match DeadLetter::parse(payload) {
             Ok(d) => Row::Dlq(d),
-            Err(error) => Row::Foreign {
-                ts_ms,
-                error: format!("not a dead-letter envelope: {error}"),
-                payload,
-                source: source.to_owned(),
-            },
+            Err(error) => {
+                Row::Foreign { ts_ms, error: format!("not a dead-letter envelope: {error}"), payload, source: source() }
+            }
         },
     }
 }
