@@ -447,3 +447,29 @@ async fn idle_partitions_close_windows_and_seal_hours_through_ticks() -> Result<
     assert!(value["time_ms"].as_i64().is_some_and(|t| t > H10 + HOUR), "{value}");
     agg.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn objects_are_encrypted_with_the_configured_kms_key() -> Result<()> {
+    init_logging();
+    let env = Env::start(1).await?;
+    let kms = "\"arn:aws:kms:us-east-1:111122223333:key/edgeflow\"";
+    let agg = Running::start(env.settings("a", &[("s3.sse_kms_key_id", kms)])?, Stages::Sink);
+    let p = producer(&env.bootstrap())?;
+    produce(
+        &p,
+        DLQ,
+        &[
+            (0, "n0", dead_letter("n0", 1, "bad_json", b"{", H10 + 1000)),
+            (0, "n0", dead_letter("n0", 2, "bad_json", b"{", H10 + HOUR + 2 * MIN)),
+        ],
+    )
+    .await?;
+    let manifest = env.manifest_key(H10, DLQ, 0);
+    let keys = env.wait_for_keys(Duration::from_secs(60), "hour 10 manifest", |k| k.contains(&manifest)).await?;
+    for key in keys {
+        let head = env.s3.head_object().bucket(BUCKET).key(&key).send().await?;
+        assert_eq!(head.server_side_encryption().map(|s| s.as_str()), Some("aws:kms"), "{key}");
+        assert_eq!(head.ssekms_key_id(), Some("arn:aws:kms:us-east-1:111122223333:key/edgeflow"), "{key}");
+    }
+    agg.stop().await
+}
