@@ -161,6 +161,8 @@ pub struct SinkStage {
     uploader: Option<(Uploader, mpsc::Receiver<UploadJob>, mpsc::UnboundedSender<UploadDone>)>,
     props: ::parquet::file::properties::WriterProperties,
     paused: bool,
+    /// Records since the spool was last measured.
+    since_spool_check: u32,
     counters: SinkCounters,
 }
 
@@ -218,6 +220,7 @@ impl SinkStage {
             uploader: Some((uploader, jobs_rx, done_tx)),
             props: parquet::writer_properties(settings.sink.row_group_rows.get()),
             paused: false,
+            since_spool_check: 0,
             counters,
         })
     }
@@ -452,8 +455,18 @@ impl SinkStage {
                 }
                 let meta = row.meta();
                 let step = slot.machine.apply(offset, Input::Row(meta));
+                let sealed = !step.sealed.is_empty();
                 self.seal(&key, step.sealed).await?;
-                self.route(&key, offset, ts, step.decision, &row)
+                self.route(&key, offset, ts, step.decision, &row)?;
+                // The spool grows with every row group and every seal: check it often enough that
+                // a full spool stops consumption within a few row groups, not a whole interval.
+                self.since_spool_check += 1;
+                if sealed || self.since_spool_check >= 64 {
+                    self.since_spool_check = 0;
+                    let (spool, waiting) = self.spool_usage();
+                    self.apply_spool_limit(spool, waiting);
+                }
+                Ok(())
             }
         }
     }
@@ -635,7 +648,6 @@ impl SinkStage {
                 });
             }
         }
-        self.metrics.spool_bytes.set(spool as i64);
         self.metrics.open_buckets.set(open_buckets as i64);
         self.metrics.oldest_pending_age.set(oldest_ts.map_or(0.0, |t| ((kafka::now_ms() - t).max(0) as f64) / 1000.0));
         self.metrics
@@ -643,6 +655,19 @@ impl SinkStage {
             .get_or_create_owned(&StageLabels { stage: Stage::sink })
             .set(oldest_checkpoint.as_secs_f64());
 
+        self.apply_spool_limit(spool, waiting);
+    }
+
+    /// Sums the spool (open files and files waiting for S3).
+    fn spool_usage(&self) -> (u64, u64) {
+        self.slots.values().fold((0, 0), |(spool, waiting), slot| {
+            (spool + slot.open_bytes() + slot.uploading_bytes(), waiting + slot.uploading_bytes())
+        })
+    }
+
+    /// Pauses or resumes consumption for the spool's current use.
+    fn apply_spool_limit(&mut self, spool: u64, waiting: u64) {
+        self.metrics.spool_bytes.set(spool as i64);
         // Pause only when something waits for S3: uploads will free space. An open hour larger
         // than the spool must still be read to its end, or it would never seal.
         let max = self.settings.sink.spool_max_bytes;
@@ -667,6 +692,13 @@ impl SinkStage {
         let parts: Vec<(String, i32)> = self.slots.values().map(|s| (s.topic.clone(), s.partition)).collect();
         match kafka::set_paused(&self.consumer, &parts, paused) {
             Ok(()) => {
+                if !paused {
+                    // librdkafka resumes fetching at the position we reached, which can lie inside
+                    // a record batch: make sure the broker does not skip the rest of it.
+                    for slot in self.slots.values_mut().filter(|s| s.phase == Phase::Active) {
+                        slot.cursor.expect(slot.position);
+                    }
+                }
                 self.paused = paused;
                 self.metrics.paused.set(i64::from(paused));
             }
