@@ -55,6 +55,9 @@ pub enum RunError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// A stage stopped on its own (for example the buffer thread after a damaged read).
+    #[error("{0}")]
+    Stage(String),
 }
 
 /// What a running agent exposes to its caller (tests, the demo).
@@ -180,6 +183,7 @@ pub async fn run_with(
         _ = shutdown.cancelled() => None,
         r = &mut forward_task => Some(r),
     };
+    let unexpected = early.is_some();
     systemd::stopping();
     tracing::info!("stopping: no new messages; committing and delivering what is in flight");
     stages.cancel();
@@ -191,16 +195,21 @@ pub async fn run_with(
             None => forward_task.await,
         };
         // The buffer thread ends once ingest and forward have dropped their senders.
-        let _ = tokio::task::spawn_blocking(move || buffer_thread.join()).await;
-        forwarded
+        let buffer = tokio::task::spawn_blocking(move || buffer_thread.join()).await;
+        if !matches!(buffer, Ok(Ok(()))) {
+            return Err(RunError::Stage(
+                "the buffer thread failed (see the error above); restarting checks the buffer".into(),
+            ));
+        }
+        match forwarded {
+            Ok(Ok(())) if unexpected => Err(RunError::Stage("the forwarder stopped unexpectedly".into())),
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(RunError::Kafka(e)),
+            Err(join) => Err(RunError::Stage(format!("the forwarder failed: {join}"))),
+        }
     };
     let result = match tokio::time::timeout(deadline, stop).await {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(e))) => Err(RunError::Kafka(e)),
-        Ok(Err(join)) => {
-            tracing::error!(error = %join, "the forwarder stopped unexpectedly");
-            Ok(())
-        }
+        Ok(r) => r,
         Err(_) => {
             tracing::warn!("graceful stop took too long; exiting (buffered data is safe and resumes at start)");
             Ok(())

@@ -108,3 +108,42 @@ async fn hostile_payloads_are_dead_lettered_counted_and_the_stream_goes_on() -> 
     assert_eq!(http_get(port, "/healthz")?.0, 200, "agent alive");
     Ok(())
 }
+
+/// A reading delivered twice (a device retry, or the broker redelivering after a crash between
+/// commit and PUBACK) is stored once and acknowledged both times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_reading_twice_gets_one_seq() -> anyhow::Result<()> {
+    let env = Env::start(false).await?;
+    let port = free_port();
+    let config = env.write_config("r", &env.config("node-r", port, ""))?;
+    let agent = Agent::start(&config, port)?;
+    agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
+    let now = chrono::Utc::now().to_rfc3339();
+    let payload = format!(
+        r#"{{"device_id": "twice", "timestamp": "{now}", "temperature": 70.5, "humidity": 50, "status": "OK"}}"#
+    );
+    let other = payload.replace("70.5", "71.5");
+    for p in [&payload, &payload, &other] {
+        let status = std::process::Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &env.mosquitto.port.to_string(),
+                "-q",
+                "1",
+                "-t",
+                "devices/twice/telemetry",
+                "-m",
+                p,
+            ])
+            .status()?;
+        assert!(status.success());
+    }
+    let got = read_raw(&env.tansu.bootstrap(), 2, Duration::from_secs(20))?;
+    assert_eq!(got.len(), 2, "the repeat is not stored; a different reading with the same timestamp is");
+    assert_ne!(got[0].seq, got[1].seq);
+    agent.wait_metric("edgeflow_agent_records_duplicate_total", Duration::from_secs(5), |v| v == 1.0)?;
+    assert_eq!(agent.metric("edgeflow_agent_mqtt_messages_received_total"), 3.0);
+    Ok(())
+}

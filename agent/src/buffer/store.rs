@@ -215,16 +215,21 @@ impl Store {
             stats: Stats::default(),
             dedup: DedupMap::default(),
         };
-        let opened = store.open_db(now_ms)?;
+        let opened = contained(|| store.open_db(now_ms))?;
         Ok((store, opened))
     }
 
     fn open_db(&mut self, now_ms: i64) -> Result<Opened, StoreError> {
         self.db = None;
-        let db = Database::builder()
+        let existed = self.path.exists();
+        let mut db = Database::builder()
             .set_cache_size(self.opts.cache_bytes)
             .create(&self.path)
             .map_err(|source| StoreError::Open { path: self.path.clone(), source })?;
+        if existed {
+            // Refuse a damaged file at start rather than fail on it mid-stream.
+            check_integrity(&mut db)?;
+        }
         let mut opened = Opened { created: None, previous_node_id: None };
         let txn = db.begin_write().map_err(txn_err)?;
         {
@@ -276,7 +281,8 @@ impl Store {
                 truncated: false,
             };
             let append = Append::DeadLetter {
-                natural_hash: 0,
+                // Its own domain, so no reading can ever be mistaken for a redelivery of it.
+                natural_hash: xxhash_rust::xxh3::xxh3_64(b"\xffmarker\0buffer_created"),
                 payload_hash: 0,
                 check_duplicate: false,
                 draft: marker,
@@ -290,13 +296,20 @@ impl Store {
     /// Opens an existing buffer without changing it (for `edgeflow-agent buffer …`). Fails if
     /// the file is missing, foreign, or in use by a running agent.
     pub fn open_existing(path: &Path, opts: StoreOptions) -> Result<Self, StoreError> {
+        contained(|| Self::open_existing_inner(path, opts))
+    }
+
+    fn open_existing_inner(path: &Path, opts: StoreOptions) -> Result<Self, StoreError> {
         if !path.exists() {
             return Err(StoreError::Foreign { path: path.to_owned(), reason: "no such file".into() });
         }
-        let db = Database::builder()
+        let mut db = Database::builder()
             .set_cache_size(opts.cache_bytes)
             .open(path)
             .map_err(|source| StoreError::Open { path: path.to_owned(), source })?;
+        // redb trusts its pages when reading; a damaged page can make a read panic. Check every
+        // page's checksum before reading anything.
+        check_integrity(&mut db)?;
         let node_id = {
             let txn = db.begin_read().map_err(txn_err)?;
             let meta = txn.open_table(META).map_err(|e| StoreError::Foreign {
@@ -371,7 +384,7 @@ impl Store {
     /// transaction (redb refuses further work after an I/O error).
     pub fn reopen(&mut self, now_ms: i64) -> Result<(), StoreError> {
         self.db = None;
-        self.open_db(now_ms).map(drop)
+        contained(|| self.open_db(now_ms).map(drop))
     }
 
     /// The counters as of the last commit.
@@ -528,12 +541,12 @@ impl Store {
     /// Checks the file end to end: redb's own integrity check, every entry decodes, and the
     /// counters match the entries. Returns the number of entries checked.
     pub fn verify(&mut self) -> Result<u64, StoreError> {
+        contained(|| self.verify_inner())
+    }
+
+    fn verify_inner(&mut self) -> Result<u64, StoreError> {
         let db = self.db.as_mut().ok_or(StoreError::NeedsReopen)?;
-        match db.check_integrity() {
-            Ok(true) => {}
-            Ok(false) => return Err(StoreError::Damaged("redb integrity check repaired the file".into())),
-            Err(e) => return Err(StoreError::Damaged(format!("redb integrity check failed: {e}"))),
-        }
+        check_integrity(db)?;
         let txn = db.begin_read().map_err(txn_err)?;
         let records = txn.open_table(RECORDS).map_err(txn_err)?;
         let (mut count, mut bytes, mut last) = (0u64, 0u64, None::<u64>);
@@ -556,6 +569,41 @@ impl Store {
         }
         let _ = last;
         Ok(count)
+    }
+}
+
+/// Runs `f`, turning a panic inside redb into [`StoreError::Damaged`].
+///
+/// redb trusts the pages it reads: a damaged file can make it panic (even inside `open`). The
+/// agent is built with `panic = "unwind"` so that this boundary can report a damaged buffer
+/// instead of crashing; the default panic message is suppressed while `f` runs.
+fn contained<T>(f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    use std::panic::{AssertUnwindSafe, catch_unwind, set_hook, take_hook};
+    use std::sync::Mutex;
+    static HOOK: Mutex<()> = Mutex::new(());
+    let _guard = HOOK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let previous = take_hook();
+    set_hook(Box::new(|_| {}));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    set_hook(previous);
+    result.unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown");
+        Err(StoreError::Damaged(format!("redb could not read the file ({why}); move it aside and report it")))
+    })
+}
+
+fn check_integrity(db: &mut Database) -> Result<(), StoreError> {
+    match db.check_integrity() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(StoreError::Damaged(
+            "the file failed redb's integrity check and was rolled back to its last consistent commit; check again"
+                .into(),
+        )),
+        Err(e) => Err(StoreError::Damaged(format!("the file failed redb's integrity check: {e}"))),
     }
 }
 
