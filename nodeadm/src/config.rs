@@ -759,7 +759,8 @@ activation_code_file = "/etc/edgeflow/ssm-activation-code"
 
     #[test]
     fn errors_name_the_field() {
-        let cases: Vec<(&str, Box<dyn FnOnce(&mut BootstrapConfig)>)> = vec![
+        type Edit = Box<dyn FnOnce(&mut BootstrapConfig)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("bootstrap.cluster_name", Box::new(|c| c.cluster_name = "-bad name".into())),
             ("bootstrap.region", Box::new(|c| c.region = "Europe".into())),
             ("bootstrap.kubernetes_version", Box::new(|c| c.kubernetes_version = "latest".into())),

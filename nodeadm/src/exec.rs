@@ -113,8 +113,8 @@ pub async fn run(
         .spawn()
         .map_err(RunError::Spawn)?;
     let pid = child.id();
-    let mut stdout = child.stdout.take().map(|s| BufReader::new(s));
-    let mut stderr = child.stderr.take().map(|s| BufReader::new(s));
+    let mut stdout = child.stdout.take().map(BufReader::new);
+    let mut stderr = child.stderr.take().map(BufReader::new);
     let mut tail = VecDeque::with_capacity(TAIL_LINES);
     let deadline = tokio::time::Instant::now() + timeout;
 
