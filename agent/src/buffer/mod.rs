@@ -1,0 +1,352 @@
+//! The durable buffer between MQTT and Kafka.
+//!
+//! # Design
+//!
+//! One redb file (`<data_dir>/buffer.redb`) holds every accepted message from the moment it is
+//! acknowledged to the MQTT broker until Kafka has acknowledged it. The file is owned by one
+//! OS thread, the *buffer thread* (redb is synchronous and we never hold a transaction across
+//! an `.await`); everyone else talks to it through a channel of [`Command`]s.
+//!
+//! ## The ack protocol
+//!
+//! ```text
+//! ingest ──Append(msg, ack token)──▶ buffer thread ──commit──▶ on_commit(tokens) ──▶ MQTT PUBACK
+//! forward ◀──Read(from seq)──────── buffer thread
+//! forward ──Delivered(seqs)────────▶ buffer thread ──commit (delete)
+//! ```
+//!
+//! * **Group commit.** The thread takes everything waiting in the channel (up to `max_batch`
+//!   appends), applies deletions and appends in one write transaction, commits durably
+//!   (fsync), and only then hands the ack tokens of that group back, in arrival order. So the
+//!   PUBACK for a message is sent only after the commit that holds it, and throughput is bounded
+//!   by (messages in flight) / (commit latency) rather than one fsync per message.
+//! * **seq** is assigned inside the transaction from the durable `next_seq` counter, so it is
+//!   strictly increasing across restarts and crashes: a crash before the commit assigns nothing.
+//! * **Redelivery.** A crash between commit and PUBACK makes the broker redeliver. The store
+//!   recognises a redelivered reading by its natural key `(device_id, timestamp)` plus payload
+//!   hash within the dedup horizon, acknowledges it again, and stores nothing.
+//! * **Deletion after delivery.** The forwarder reports delivered `seq`s; they are deleted in
+//!   the next group commit. A crash before that deletion re-sends them after restart: Kafka then
+//!   holds a second copy with the same `(node_id, seq)`, which the aggregator drops.
+//! * **Quota.** Appends are charged against `max_bytes`. When full, `block` defers the append
+//!   (and all after it, keeping order): no PUBACK, so the broker keeps the messages and stops
+//!   sending when its in-flight window is full; `drop_oldest` deletes the oldest entries,
+//!   counted. The quota is checked before each insert, so it is never exceeded, not even by one
+//!   commit.
+//! * **I/O failure** (disk full, failing disk): the transaction fails, nothing of it is
+//!   acknowledged, the thread backs off, reopens the file and retries the same group. If the
+//!   failed commit in fact reached the disk, the retry recognises every append as a redelivery
+//!   (all appends of a retried group are checked against the horizon), so nothing is stored twice.
+//!
+//! See [`store`] for the table layout and [`entry`] for the bytes of one entry.
+
+pub mod entry;
+pub mod store;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use store::{Append, DeadLetterDraft, Outcome, Stats, Store, StoreError, StoreOptions, WhenFull};
+
+use crate::metrics::Metrics;
+
+/// A request to the buffer thread.
+#[derive(Debug)]
+pub enum Command<T> {
+    /// Append a message; its token comes back through `on_commit` once committed.
+    Append(Append, T),
+    /// Delete delivered entries.
+    Delivered(Vec<u64>),
+    /// Read committed entries with `seq >= from`.
+    Read { from: u64, max_records: usize, max_bytes: usize, reply: tokio::sync::oneshot::Sender<ReadResult> },
+    /// Reply once everything sent before it is committed.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Entries read from the buffer: `(seq, entry bytes)`.
+pub type ReadResult = Result<Vec<(u64, Vec<u8>)>, String>;
+
+/// State shared with the rest of the agent (status, metrics, watchdog).
+#[derive(Debug, Default)]
+pub struct Shared {
+    stats: Mutex<Stats>,
+    /// Milliseconds since the thread started, at its last loop iteration.
+    heartbeat_ms: AtomicU64,
+    started: Mutex<Option<Instant>>,
+    /// Whether the last transaction succeeded.
+    pub writable: AtomicBool,
+    /// Whether appends are waiting for room.
+    pub blocked: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    /// Wakes the forwarder after each commit that added entries.
+    pub committed: tokio::sync::Notify,
+}
+
+impl Shared {
+    pub fn stats(&self) -> Stats {
+        *self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Time since the thread last went round its loop.
+    pub fn since_heartbeat(&self) -> Duration {
+        let started = *self.started.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match started {
+            Some(t) => {
+                let now = t.elapsed().as_millis() as u64;
+                Duration::from_millis(now.saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed)))
+            }
+            None => Duration::ZERO,
+        }
+    }
+
+    fn beat(&self) {
+        let mut started = self.started.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let t = *started.get_or_insert_with(Instant::now);
+        self.heartbeat_ms.store(t.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = e;
+    }
+}
+
+/// Buffer thread settings.
+#[derive(Debug, Clone)]
+pub struct ThreadOptions {
+    /// Most appends per group commit.
+    pub max_batch: usize,
+}
+
+/// Starts the buffer thread over an opened store. It runs until every sender of the returned
+/// channel is dropped, then commits what it received and closes the file.
+///
+/// `on_commit` receives the tokens of each committed group, in arrival order, with their
+/// outcomes; it runs on the buffer thread and must not block.
+pub fn spawn<T, F>(
+    store: Store,
+    opts: ThreadOptions,
+    metrics: Metrics,
+    shared: Arc<Shared>,
+    on_commit: F,
+) -> std::io::Result<(flume::Sender<Command<T>>, std::thread::JoinHandle<()>)>
+where
+    T: Send + 'static,
+    F: FnMut(Vec<(T, Outcome)>) + Send + 'static,
+{
+    let (tx, rx) = flume::unbounded();
+    let handle = std::thread::Builder::new()
+        .name("buffer".into())
+        .spawn(move || BufferThread { store, opts, metrics, shared, on_commit, rx }.run())?;
+    Ok((tx, handle))
+}
+
+struct BufferThread<T, F> {
+    store: Store,
+    opts: ThreadOptions,
+    metrics: Metrics,
+    shared: Arc<Shared>,
+    on_commit: F,
+    rx: flume::Receiver<Command<T>>,
+}
+
+impl<T, F> BufferThread<T, F>
+where
+    F: FnMut(Vec<(T, Outcome)>),
+{
+    fn run(mut self) {
+        let mut waiting: VecDeque<(Append, T)> = VecDeque::new();
+        let mut deletes: Vec<u64> = Vec::new();
+        let mut reads = Vec::new();
+        let mut barriers = Vec::new();
+        let mut disconnected = false;
+        self.publish_stats();
+        self.shared.writable.store(true, Ordering::Relaxed);
+        loop {
+            self.shared.beat();
+            // Wait for work unless some is pending and can make progress.
+            let can_progress =
+                !deletes.is_empty() || (!waiting.is_empty() && !self.shared.blocked.load(Ordering::Relaxed));
+            if !can_progress && !disconnected {
+                match self.rx.recv_timeout(Duration::from_millis(250)) {
+                    Ok(cmd) => Self::take(cmd, &mut waiting, &mut deletes, &mut reads, &mut barriers),
+                    Err(flume::RecvTimeoutError::Timeout) => {
+                        // Retry a blocked group now and then (the quota may have been raised by
+                        // drop_oldest elsewhere, or a failed reopen may now succeed).
+                        if waiting.is_empty() {
+                            continue;
+                        }
+                    }
+                    Err(flume::RecvTimeoutError::Disconnected) => disconnected = true,
+                }
+            }
+            let new_appends_limit = self.opts.max_batch;
+            while waiting.len() < new_appends_limit {
+                match self.rx.try_recv() {
+                    Ok(cmd) => Self::take(cmd, &mut waiting, &mut deletes, &mut reads, &mut barriers),
+                    Err(flume::TryRecvError::Empty) => break,
+                    Err(flume::TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                }
+            }
+
+            if !waiting.is_empty() || !deletes.is_empty() {
+                self.commit(&mut waiting, &mut deletes);
+            }
+            for (from, max_records, max_bytes, reply) in reads.drain(..) {
+                let result = self.store.read(from, max_records, max_bytes).map_err(|e| e.to_string());
+                let _ = reply.send(result);
+            }
+            // A barrier is answered once nothing received before it is still waiting.
+            if waiting.is_empty() {
+                for b in barriers.drain(..) {
+                    let _ = b.send(());
+                }
+            }
+            if disconnected && deletes.is_empty() && (waiting.is_empty() || self.shared.blocked.load(Ordering::Relaxed))
+            {
+                // Blocked appends at shutdown stay unacknowledged: the broker redelivers them.
+                tracing::debug!(unacknowledged = waiting.len(), "buffer thread stopping");
+                return;
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn take(
+        cmd: Command<T>,
+        waiting: &mut VecDeque<(Append, T)>,
+        deletes: &mut Vec<u64>,
+        reads: &mut Vec<(u64, usize, usize, tokio::sync::oneshot::Sender<ReadResult>)>,
+        barriers: &mut Vec<tokio::sync::oneshot::Sender<()>>,
+    ) {
+        match cmd {
+            Command::Append(a, t) => waiting.push_back((a, t)),
+            Command::Delivered(mut seqs) => deletes.append(&mut seqs),
+            Command::Read { from, max_records, max_bytes, reply } => reads.push((from, max_records, max_bytes, reply)),
+            Command::Barrier(reply) => barriers.push(reply),
+        }
+    }
+
+    /// Commits deletions and as many waiting appends as fit; retries through I/O errors.
+    fn commit(&mut self, waiting: &mut VecDeque<(Append, T)>, deletes: &mut Vec<u64>) {
+        let take = waiting.len().min(self.opts.max_batch);
+        let (mut appends, mut tokens): (Vec<Append>, VecDeque<T>) = waiting.drain(..take).unzip();
+        let mut backoff = Duration::from_millis(100);
+        let mut retried = false;
+        let applied = loop {
+            let start = Instant::now();
+            match self.store.apply(deletes, &appends) {
+                Ok(applied) => {
+                    self.metrics.buffer_commit_duration.observe(start.elapsed().as_secs_f64());
+                    self.metrics.buffer_commit_records.observe((appends.len() + deletes.len()) as f64);
+                    if retried {
+                        tracing::info!("buffer writable again");
+                    }
+                    self.shared.writable.store(true, Ordering::Relaxed);
+                    self.shared.set_error(None);
+                    break applied;
+                }
+                Err(error) => {
+                    self.metrics.buffer_commit_errors.inc();
+                    self.shared.writable.store(false, Ordering::Relaxed);
+                    self.shared.set_error(Some(error.to_string()));
+                    if !retried {
+                        tracing::error!(%error, pending = appends.len(), "buffer commit failed; nothing of it was acknowledged; retrying (check the disk under the data directory)");
+                    }
+                    retried = true;
+                    // A retried group may have reached the disk after all: check every append
+                    // against the horizon so nothing is stored twice.
+                    for a in &mut appends {
+                        if let Append::DeadLetter { check_duplicate, .. } = a {
+                            *check_duplicate = true;
+                        }
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    self.shared.beat();
+                    if let Err(error) = self.store.reopen(now_ms()) {
+                        tracing::warn!(%error, "reopening the buffer failed; will retry");
+                    }
+                }
+            }
+        };
+        deletes.clear();
+
+        let mut acks = Vec::with_capacity(take);
+        let mut records = 0u64;
+        let mut duplicates = 0u64;
+        let mut deferred_from = None;
+        for (i, outcome) in applied.outcomes.iter().enumerate() {
+            match outcome {
+                Outcome::Deferred => {
+                    deferred_from = Some(i);
+                    break;
+                }
+                Outcome::Stored { .. } => records += u64::from(matches!(appends[i], Append::Record { .. })),
+                Outcome::Duplicate { .. } => duplicates += 1,
+            }
+            let token = tokens.pop_front().expect("one token per append");
+            acks.push((token, *outcome));
+        }
+        let blocked = deferred_from.is_some();
+        if let Some(i) = deferred_from {
+            // Put the deferred appends back at the front, in order.
+            for (a, t) in appends.drain(i..).zip(tokens.drain(..)).rev() {
+                waiting.push_front((a, t));
+            }
+        }
+        if blocked != self.shared.blocked.swap(blocked, Ordering::Relaxed) {
+            if blocked {
+                tracing::warn!(
+                    buffered_bytes = self.store.stats().bytes,
+                    "buffer full: holding MQTT acknowledgements until Kafka drains it"
+                );
+            } else {
+                tracing::info!("buffer has room again");
+            }
+        }
+        self.metrics.records_committed.inc_by(records);
+        self.metrics.records_dropped.inc_by(applied.dropped);
+        self.metrics.records_duplicate.inc_by(duplicates);
+        self.publish_stats();
+        let stored_any = acks.iter().any(|(_, o)| matches!(o, Outcome::Stored { .. }));
+        if !acks.is_empty() {
+            (self.on_commit)(acks);
+        }
+        if stored_any || applied.dropped > 0 {
+            self.shared.committed.notify_one();
+        }
+    }
+
+    fn publish_stats(&self) {
+        let stats = self.store.stats();
+        *self.shared.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = stats;
+        let m = &self.metrics;
+        m.buffer_records.set(stats.count as i64);
+        m.buffer_bytes.set(stats.bytes as i64);
+        m.buffer_next_seq.set(stats.next_seq as i64);
+        m.buffer_blocked.set(i64::from(self.shared.blocked.load(Ordering::Relaxed)));
+        if let Ok(meta) = std::fs::metadata(self.store.path()) {
+            m.buffer_file_bytes.set(meta.len() as i64);
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Where the buffer file lives in a data directory.
+pub fn path_in(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("buffer.redb")
+}
