@@ -394,3 +394,64 @@ async fn the_retry_loop_retries_until_joined_and_stops_on_shutdown() {
     let result = tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
     assert!(matches!(result, Err(BootstrapError::Cancelled)));
 }
+
+#[tokio::test]
+async fn iam_roles_anywhere_joins_with_its_own_nodeconfig() {
+    let node = Node::new();
+    std::fs::create_dir_all(node.root.join("etc/iam/pki")).unwrap();
+    std::fs::write(node.root.join("etc/iam/pki/server.pem"), "cert").unwrap();
+    std::fs::write(node.root.join("etc/iam/pki/server.key"), "key").unwrap();
+    let text = format!(
+        r#"
+[bootstrap]
+enabled = true
+cluster_name = "edge-1"
+region = "eu-west-1"
+kubernetes_version = "1.31"
+credential_provider = "iam-ra"
+nodeadm_path = "{}"
+remote_node_cidrs = ["10.80.0.0/16"]
+[bootstrap.iam_ra]
+trust_anchor_arn = "arn:aws:rolesanywhere:eu-west-1:111122223333:trust-anchor/a"
+profile_arn = "arn:aws:rolesanywhere:eu-west-1:111122223333:profile/b"
+role_arn = "arn:aws:iam::111122223333:role/EKSHybridNodesRole"
+node_name = "plant-1"
+certificate_path = "/etc/iam/pki/server.pem"
+private_key_path = "/etc/iam/pki/server.key"
+"#,
+        node.wrapper.display()
+    );
+    let settings = common::parse_section(&text).validate().unwrap().unwrap();
+    let (result, phase) = node.run(&settings).await;
+    assert_eq!(result.unwrap(), Outcome::Joined { ran: vec![Step::Install, Step::Init, Step::Verify] });
+    assert_eq!(phase, Phase::Joined);
+    assert_eq!(node.invocations()[0], ["install", "1.31", "--credential-provider", "iam-ra"]);
+    assert!(!node.host_file(SSM_REGISTRATION).exists(), "no SSM registration with IAM Roles Anywhere");
+    let yaml = std::fs::read_to_string(node.nodeconfig_path()).unwrap();
+    let doc = &yaml_rust2::YamlLoader::load_from_str(&yaml).unwrap()[0];
+    assert_eq!(doc["spec"]["hybrid"]["iamRolesAnywhere"]["nodeName"].as_str(), Some("plant-1"));
+    assert!(doc["spec"]["hybrid"]["ssm"].is_badvalue());
+}
+
+#[test]
+fn the_stub_rejects_fields_the_crd_does_not_know() {
+    // The stub is the test oracle for "only fields nodeadm knows": make sure it does reject.
+    let node = Node::new();
+    let path = node.dir.path().join("bad.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: node.eks.aws/v1alpha1\nkind: NodeConfig\nspec:\n  cluster:\n    name: edge-1\n    region: eu-west-1\n    \
+             nodeIp: 10.0.0.1\n  hybrid:\n    ssm:\n      activationCode: {CODE}\n      activationId: {ACTIVATION_ID}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(node.host_file(NODEADM_TRACKER).parent().unwrap()).unwrap();
+    std::fs::write(node.host_file(NODEADM_TRACKER), "Artifacts: {}\n").unwrap();
+    let out = std::process::Command::new(&node.wrapper)
+        .args(["init", "--config-source", &format!("file://{}", path.display())])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field 'spec.cluster.nodeIp'"), "{out:?}");
+}
