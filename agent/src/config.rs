@@ -18,8 +18,10 @@ use serde::Deserialize;
 use crate::buffer::WhenFull;
 use crate::ingest::Rules;
 
-/// The commented default configuration (what `edgeflow-agent default-config` prints).
-pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+/// The commented default configuration (what `edgeflow-agent default-config` prints): the
+/// agent's own keys, then the `[bootstrap]` section from `edgeflow-nodeadm`.
+pub static DEFAULT_CONFIG: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{}\n{}", include_str!("default.toml"), edgeflow_nodeadm::DEFAULT_CONFIG));
 
 /// The configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -48,6 +50,9 @@ pub struct Config {
     /// Status endpoint and node sampling.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// EKS Hybrid Nodes registration through nodeadm (off by default).
+    #[serde(default)]
+    pub bootstrap: edgeflow_nodeadm::BootstrapConfig,
 }
 
 /// `[mqtt]`
@@ -379,6 +384,8 @@ pub struct Settings {
     pub buffer: BufferSettings,
     pub rules: Rules,
     pub metrics: MetricsSettings,
+    /// The EKS Hybrid Nodes bootstrap; `None` when disabled.
+    pub bootstrap: Option<edgeflow_nodeadm::BootstrapSettings>,
 }
 
 /// librdkafka properties the agent sets itself because delivery depends on them, with the
@@ -432,6 +439,7 @@ impl Config {
                 saturation_interval: at_least("metrics.saturation_interval", self.metrics.saturation_interval, 1)?,
             },
             rules: records,
+            bootstrap: self.bootstrap.validate()?,
             shutdown_timeout: at_least("shutdown_timeout", self.shutdown_timeout, 1)?,
             data_dir: self.data_dir.clone(),
             node_id,

@@ -12,10 +12,13 @@
 //! * [`forward`] — Kafka delivery with an idempotent producer; deletes after the delivery report.
 //! * [`saturation`] — node CPU, memory, disk and network.
 //! * [`status`] — `/metrics`, `/healthz`, `/readyz`.
+//! * `bootstrap` — EKS Hybrid Nodes registration through `edgeflow-nodeadm`, in its own task:
+//!   telemetry never waits for it.
 //!
 //! [`run`] wires them up and runs until the shutdown token is cancelled; `main.rs` and the tests
 //! call the same function.
 
+mod bootstrap;
 pub mod buffer;
 pub mod config;
 pub mod forward;
@@ -157,7 +160,15 @@ pub async fn run_with(
     tokio::spawn(forward::probe(settings.kafka.clone(), kafka_status.clone(), metrics.clone(), background.clone()));
     tokio::spawn(saturation::run(metrics.clone(), settings.metrics.saturation_interval, background.clone()));
 
+    let bootstrap_phase = bootstrap::spawn(
+        settings.bootstrap.clone(),
+        &settings.data_dir,
+        metrics.clone(),
+        shutdown.clone(),
+        background.clone(),
+    );
     let agent_status = Arc::new(status::AgentStatus {
+        bootstrap: bootstrap_phase,
         ingest: ingest_status,
         kafka: kafka_status,
         buffer: shared.clone(),

@@ -29,6 +29,15 @@ enum Command {
         #[arg(long, short, default_value = "/etc/edgeflow/agent.toml")]
         config: PathBuf,
     },
+    /// Register this node with EKS as a hybrid node through nodeadm ([bootstrap] section), once.
+    Bootstrap {
+        #[arg(long, short, default_value = "/etc/edgeflow/agent.toml")]
+        config: PathBuf,
+        /// Run the preflight checks and print the NodeConfig (activation code masked) and the
+        /// nodeadm commands; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the commented default configuration.
     DefaultConfig,
     /// Print every metric the agent exports (the exposition of a fresh registry).
@@ -115,8 +124,12 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Bootstrap { config, dry_run } => {
+            logging::init("info", Target::Stderr);
+            bootstrap(&config, dry_run)
+        }
         Command::DefaultConfig => {
-            print!("{DEFAULT_CONFIG}");
+            print!("{}", *DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
         Command::Metrics => {
@@ -159,6 +172,56 @@ fn run(config: &Path) -> anyhow::Result<()> {
         edgeflow_agent::run(settings, shutdown).await?;
         Ok(())
     })
+}
+
+/// `edgeflow-agent bootstrap`: one attempt, in the foreground. Exit 0 when the node joined (or
+/// the dry run's preflight passed), 1 otherwise, 2 for an invalid configuration.
+fn bootstrap(config: &Path, dry_run: bool) -> ExitCode {
+    let settings = match settings(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(bootstrap) = settings.bootstrap else {
+        eprintln!("error: the bootstrap is disabled in {}: set [bootstrap] enabled = true", config.display());
+        return ExitCode::from(2);
+    };
+    let host = edgeflow_nodeadm::Host::system(&settings.data_dir);
+    let mode = if dry_run { edgeflow_nodeadm::Mode::DryRun } else { edgeflow_nodeadm::Mode::Apply };
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async move {
+            let shutdown = CancellationToken::new();
+            edgeflow_runtime::shutdown::cancel_on_signals(shutdown.clone()).context("installing signal handlers")?;
+            let (phase, _) = edgeflow_nodeadm::phase::channel(edgeflow_nodeadm::Phase::Pending);
+            Ok(edgeflow_nodeadm::run(&bootstrap, &host, mode, &phase, &shutdown).await)
+        })
+    });
+    match result {
+        Ok(Ok(edgeflow_nodeadm::Outcome::DryRun(plan))) => {
+            print!("{plan}");
+            if plan.preflight.passed() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Ok(Ok(edgeflow_nodeadm::Outcome::AlreadyJoined)) => {
+            println!("already joined: every step is done with this configuration; nothing to do");
+            ExitCode::SUCCESS
+        }
+        Ok(Ok(edgeflow_nodeadm::Outcome::Joined { ran })) => {
+            let ran: Vec<&str> = ran.iter().map(|s| s.as_str()).collect();
+            println!("joined: ran {}", ran.join(", "));
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            let next = if e.is_retryable() { "retrying later may succeed" } else { "an operator must act" };
+            eprintln!("error: {e}\n({next})");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

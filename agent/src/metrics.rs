@@ -41,6 +41,12 @@ pub struct DeviceLabel {
     pub device: String,
 }
 
+/// Label for the bootstrap phase.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
@@ -79,6 +85,10 @@ pub struct Metrics {
     pub buffer_oldest_age: FloatGauge,
     pub buffer_blocked: Gauge,
     pub buffer_next_seq: Gauge,
+    // EKS Hybrid Nodes bootstrap.
+    pub bootstrap_phase: Family<PhaseLabel, Gauge>,
+    pub bootstrap_attempts: Counter,
+    pub bootstrap_failures: Counter,
     // Node saturation (sampled).
     pub node_cpu_utilization: FloatGauge,
     pub node_load1: FloatGauge,
@@ -99,6 +109,14 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 }
 
 impl Metrics {
+    /// Shows `phase` in `bootstrap_phase` (every phase has a series, so alerts see 0 too).
+    pub fn set_bootstrap_phase(&self, phase: &edgeflow_nodeadm::Phase) {
+        for name in edgeflow_nodeadm::Phase::NAMES {
+            let value = i64::from(name == phase.name());
+            self.bootstrap_phase.get_or_create(&PhaseLabel { phase: name.to_owned() }).set(value);
+        }
+    }
+
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Metrics {
@@ -125,6 +143,9 @@ impl Metrics {
             buffer_file_bytes: Gauge::default(),
             buffer_oldest_age: FloatGauge::default(),
             buffer_blocked: Gauge::default(),
+            bootstrap_phase: Family::default(),
+            bootstrap_attempts: Counter::default(),
+            bootstrap_failures: Counter::default(),
             buffer_next_seq: Gauge::default(),
             node_cpu_utilization: FloatGauge::default(),
             node_load1: FloatGauge::default(),
@@ -246,6 +267,22 @@ impl Metrics {
             m.buffer_blocked.clone(),
         );
         agent.register("buffer_next_seq", "The next seq the buffer will assign", m.buffer_next_seq.clone());
+        agent.register(
+            "bootstrap_phase",
+            "1 for the EKS Hybrid Nodes bootstrap's current phase (disabled, pending, preflight, installing, \
+             initializing, verifying, joined, failed), 0 for the others",
+            m.bootstrap_phase.clone(),
+        );
+        agent.register(
+            "bootstrap_attempts",
+            "EKS Hybrid Nodes bootstrap attempts that ended (joined or failed)",
+            m.bootstrap_attempts.clone(),
+        );
+        agent.register(
+            "bootstrap_failures",
+            "EKS Hybrid Nodes bootstrap attempts that failed",
+            m.bootstrap_failures.clone(),
+        );
 
         let node = registry.sub_registry_with_prefix("edgeflow_node");
         node.register("cpu_utilization_ratio", "CPU busy fraction of the node, 0..1", m.node_cpu_utilization.clone());

@@ -19,6 +19,8 @@ pub(crate) struct AgentStatus {
     pub buffer: Arc<Shared>,
     pub metrics: Metrics,
     pub quota: u64,
+    /// The EKS Hybrid Nodes bootstrap's phase.
+    pub bootstrap: tokio::sync::watch::Receiver<edgeflow_nodeadm::Phase>,
 }
 
 /// A buffer thread silent this long is wedged (it wakes at least every 250 ms, and an fsync
@@ -61,6 +63,8 @@ impl Status for AgentStatus {
             Check::new("mqtt", mqtt, mqtt_detail),
             Check::new("kafka", kafka, kafka_detail),
             Check::new("buffer", writable && !blocked, buffer_detail),
+            // Information only: forwarding telemetry does not depend on Kubernetes.
+            Check::new("bootstrap", true, format!("{} (informational)", *self.bootstrap.borrow())),
         ]
     }
 
