@@ -78,13 +78,18 @@ struct Context {
 
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        // Connection failures ("FAIL") are routine while a broker is away; the outage as a whole
+        // is reported once by the error callback below and in /readyz. The agent also sets
+        // enable.gapless.guarantee on purpose, which librdkafka calls experimental.
+        if fac == "FAIL" || message.contains("enable.gapless.guarantee") {
+            tracing::debug!(facility = fac, "librdkafka: {message}");
+            return;
+        }
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 tracing::warn!(facility = fac, "librdkafka: {message}")
             }
-            RDKafkaLogLevel::Warning | RDKafkaLogLevel::Notice => {
-                tracing::info!(facility = fac, "librdkafka: {message}")
-            }
+            RDKafkaLogLevel::Warning | RDKafkaLogLevel::Notice => tracing::info!(facility = fac, "librdkafka: {message}"),
             _ => tracing::debug!(facility = fac, "librdkafka: {message}"),
         }
     }
