@@ -185,10 +185,12 @@ def check_house_rules(name: str, objs: list[dict]) -> None:
                 problem(f"{dn}: [sink] spool_dir {spool} is not an emptyDir mount")
             elif "sizeLimit" not in volumes[vol]["emptyDir"]:
                 problem(f"{dn}: the spool emptyDir has no sizeLimit")
-            if grace < 300:
-                problem(f"{dn}: terminationGracePeriodSeconds {grace} < 300: too short to finish uploads")
-        elif grace < 30:
-            problem(f"{dn}: terminationGracePeriodSeconds {grace} < 30")
+            # The sink's drain: 20 s for uploads in flight + 10 s for checkpoints + producer flush.
+            if grace < 90:
+                problem(f"{dn}: terminationGracePeriodSeconds {grace} < 90: too short to drain the sink")
+        # process: producer flush (30 s) + last checkpoints (15 s).
+        elif grace < 60:
+            problem(f"{dn}: terminationGracePeriodSeconds {grace} < 60: too short to drain process")
         if "/tmp" not in mounts.values():
             problem(f"{dn}: /tmp must be a writable mount (read-only root filesystem)")
         # Placement asked for by the overlay.
