@@ -154,8 +154,11 @@ def check_house_rules(name: str, objs: list[dict]) -> None:
             problem(f"{dn}: allowPrivilegeEscalation must be false")
         if "ALL" not in sc.get("capabilities", {}).get("drop", []):
             problem(f"{dn}: capabilities must drop ALL")
-        if "/" not in c["image"]:
-            problem(f"{dn}: image {c['image']!r} was not set by the overlay's images:")
+        kustomization = yaml.safe_load((DEPLOY / "overlays" / name / "kustomization.yaml").read_text())
+        image = next((f"{i['newName']}:{i['newTag']}" for i in kustomization.get("images", [])
+                      if i["name"] == "edgeflow-aggregator"), None)
+        if c["image"] != image:
+            problem(f"{dn}: image {c['image']!r}, the overlay's images: entry says {image!r}")
         res = c.get("resources", {})
         for kind in ("requests", "limits"):
             for r in ("cpu", "memory"):
@@ -177,6 +180,13 @@ def check_house_rules(name: str, objs: list[dict]) -> None:
         if ports.get("http-metrics") != listen_port:
             problem(f"{dn}: containerPort http-metrics {ports.get('http-metrics')} != [metrics] listen port {listen_port}")
         stage = c["args"][0]
+        env = [e["name"] for e in c.get("env", [])]
+        if len(env) != len(set(env)):
+            problem(f"{dn}: environment variables set twice: {env}")
+        region = next((e.get("value") for e in c.get("env", []) if e["name"] == "AWS_REGION"), None)
+        if stage in ("sink", "run") and region != config.get("s3", {}).get("region"):
+            problem(f"{dn}: AWS_REGION {region!r} (credentials, STS) differs from [s3] region "
+                    f"{config.get('s3', {}).get('region')!r}: the endpoints live in one region")
         grace = pod.get("terminationGracePeriodSeconds", 30)
         if stage in ("sink", "run"):
             spool = config.get("sink", {}).get("spool_dir", "/var/lib/edgeflow-aggregator/spool")
