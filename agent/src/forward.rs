@@ -169,6 +169,16 @@ pub async fn run(fwd: Forward, shutdown: CancellationToken, drain_timeout: Durat
     let (report_tx, reports) = flume::unbounded::<Report>();
     let make_ctx = || Context { reports: report_tx.clone(), metrics: fwd.metrics.clone(), status: fwd.status.clone() };
     let mut producer = producer(&fwd.settings, &fwd.client_id, make_ctx())?;
+    let (producer_tx, producer_rx) = tokio::sync::watch::channel(producer.clone());
+    let probe_stop = shutdown.child_token();
+    tokio::spawn(probe(
+        producer_rx,
+        [fwd.settings.topic.clone(), fwd.settings.dlq_topic.clone()],
+        fwd.status.clone(),
+        fwd.metrics.clone(),
+        probe_stop.clone(),
+    ));
+    let _stop_probe = probe_stop.drop_guard();
     let max_in_flight = fwd.settings.max_in_flight;
     let chunk = max_in_flight.clamp(1, 4096);
 
@@ -224,6 +234,7 @@ pub async fn run(fwd: Forward, shutdown: CancellationToken, drain_timeout: Durat
             if let Some((code, reason)) = producer.client().fatal_error() {
                 tracing::warn!(?code, reason, "Kafka producer hit a fatal error; creating a new one");
                 producer = self::producer(&fwd.settings, &fwd.client_id, make_ctx())?;
+                let _ = producer_tx.send(producer.clone());
             }
             // Make sure deletions of what was delivered are committed before re-reading.
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -437,28 +448,22 @@ fn handle_report(fwd: &Forward, report: Report, delivered: &mut Vec<u64>, failed
 }
 
 /// Checks every 10 s that the brokers answer and the topics exist, so readiness reflects Kafka
-/// even when no record flows.
-pub async fn probe(settings: KafkaSettings, status: Arc<KafkaStatus>, metrics: Metrics, shutdown: CancellationToken) {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &settings.brokers).set("client.id", "edgeflow-agent-probe");
-    for (k, v) in &settings.properties.0 {
-        config.set(k, v.expose());
-    }
-    let client: rdkafka::producer::BaseProducer = match config.create() {
-        Ok(c) => c,
-        Err(error) => {
-            tracing::warn!(%error, "cannot create the Kafka probe");
-            return;
-        }
-    };
-    let client = Arc::new(client);
+/// even when no record flows. Uses the forwarder's own client (the latest one, if it was
+/// recreated), not a second connection.
+async fn probe(
+    producer: tokio::sync::watch::Receiver<KafkaProducer>,
+    topics: [String; 2],
+    status: Arc<KafkaStatus>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let (c, topics) = (client.clone(), [settings.topic.clone(), settings.dlq_topic.clone()]);
+        let (c, topics) = (producer.borrow().clone(), topics.clone());
         let result = tokio::task::spawn_blocking(move || {
             let md = c.client().fetch_metadata(None, Duration::from_secs(5))?;
             let missing: Vec<String> = topics

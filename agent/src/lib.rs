@@ -160,7 +160,6 @@ pub async fn run_with(
         stages.clone(),
         settings.shutdown_timeout,
     ));
-    tokio::spawn(forward::probe(settings.kafka.clone(), kafka_status.clone(), metrics.clone(), background.clone()));
     tokio::spawn(saturation::run(metrics.clone(), settings.metrics.saturation_interval, background.clone()));
 
     let bootstrap_phase = bootstrap::spawn(

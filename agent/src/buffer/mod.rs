@@ -33,10 +33,13 @@
 //!   sending when its in-flight window is full; `drop_oldest` deletes the oldest entries,
 //!   counted. The quota is checked before each insert, so it is never exceeded, not even by one
 //!   commit.
-//! * **I/O failure** (disk full, failing disk): the transaction fails, nothing of it is
-//!   acknowledged, the thread backs off, reopens the file and retries the same group. If the
-//!   failed commit in fact reached the disk, the retry recognises every append as a redelivery
-//!   (all appends of a retried group are checked against the horizon), so nothing is stored twice.
+//! * **I/O failure** (disk full, failing disk): the transaction fails and nothing of it is
+//!   acknowledged; the group stays pending, in order, and is retried with backoff after reopening
+//!   the file. Meanwhile the thread keeps serving the forwarder's reads and deletions — deletions
+//!   first and alone, since they need the least space — so on a full disk the buffer drains to
+//!   Kafka and frees the room the pending group needs. If a failed commit in fact reached the
+//!   disk, the retry recognises every append as a redelivery (all appends of a retried group are
+//!   checked against the horizon), so nothing is stored twice.
 //!
 //! See [`store`] for the table layout and [`entry`] for the bytes of one entry.
 
@@ -179,28 +182,34 @@ where
         let mut reads = Vec::new();
         let mut barriers = Vec::new();
         let mut disconnected = false;
+        // After a failed commit: when to try again, and the current backoff.
+        let mut retry: Option<(Instant, Duration)> = None;
         self.publish_stats();
         self.shared.writable.store(true, Ordering::Relaxed);
         loop {
             self.shared.beat();
+            let now = Instant::now();
+            let retry_due = retry.is_none_or(|(at, _)| now >= at);
             // Wait for work unless some is pending and can make progress.
-            let can_progress =
-                !deletes.is_empty() || (!waiting.is_empty() && !self.shared.blocked.load(Ordering::Relaxed));
+            let can_progress = retry_due
+                && (!deletes.is_empty() || (!waiting.is_empty() && !self.shared.blocked.load(Ordering::Relaxed)));
             if !can_progress && !disconnected {
-                match self.rx.recv_timeout(Duration::from_millis(250)) {
+                let wait = match retry {
+                    Some((at, _)) if at > now => (at - now).min(Duration::from_millis(250)),
+                    _ => Duration::from_millis(250),
+                };
+                match self.rx.recv_timeout(wait) {
                     Ok(cmd) => Self::take(cmd, &mut waiting, &mut deletes, &mut reads, &mut barriers),
                     Err(flume::RecvTimeoutError::Timeout) => {
-                        // Retry a blocked group now and then (the quota may have been raised by
-                        // drop_oldest elsewhere, or a failed reopen may now succeed).
-                        if waiting.is_empty() {
+                        // Retry a blocked or failed group now and then.
+                        if waiting.is_empty() && deletes.is_empty() {
                             continue;
                         }
                     }
                     Err(flume::RecvTimeoutError::Disconnected) => disconnected = true,
                 }
             }
-            let new_appends_limit = self.opts.max_batch;
-            while waiting.len() < new_appends_limit {
+            while waiting.len() < self.opts.max_batch {
                 match self.rx.try_recv() {
                     Ok(cmd) => Self::take(cmd, &mut waiting, &mut deletes, &mut reads, &mut barriers),
                     Err(flume::TryRecvError::Empty) => break,
@@ -212,12 +221,34 @@ where
             }
 
             // Reads first: they want what is already committed, and should not wait for an fsync.
+            // They keep being served after a failed commit, so the forwarder can still drain the
+            // buffer to Kafka (which is what frees space on a full disk).
+            if !reads.is_empty() && self.store.needs_reopen() {
+                let _ = self.store.reopen(now_ms());
+            }
             for (from, max_records, max_bytes, reply) in reads.drain(..) {
                 let result = self.store.read(from, max_records, max_bytes).map_err(|e| e.to_string());
                 let _ = reply.send(result);
             }
-            if !waiting.is_empty() || !deletes.is_empty() {
-                self.commit(&mut waiting, &mut deletes);
+            if retry_due && (!waiting.is_empty() || !deletes.is_empty()) {
+                match self.commit(&mut waiting, &mut deletes, retry.is_some()) {
+                    Ok(()) => {
+                        if retry.take().is_some() {
+                            tracing::info!("buffer writable again");
+                        }
+                    }
+                    Err(error) => {
+                        self.metrics.buffer_commit_errors.inc();
+                        self.shared.writable.store(false, Ordering::Relaxed);
+                        self.shared.set_error(Some(error.to_string()));
+                        let backoff =
+                            retry.map_or(Duration::from_millis(100), |(_, b)| (b * 2).min(Duration::from_secs(5)));
+                        if retry.is_none() {
+                            tracing::error!(%error, pending = waiting.len(), "buffer commit failed; nothing of it was acknowledged; retrying (check the disk under the data directory)");
+                        }
+                        retry = Some((Instant::now() + backoff, backoff));
+                    }
+                }
             }
             // A barrier is answered once nothing received before it is still waiting.
             if waiting.is_empty() {
@@ -225,9 +256,10 @@ where
                     let _ = b.send(());
                 }
             }
-            if disconnected && deletes.is_empty() && (waiting.is_empty() || self.shared.blocked.load(Ordering::Relaxed))
-            {
-                // Blocked appends at shutdown stay unacknowledged: the broker redelivers them.
+            let stuck = self.shared.blocked.load(Ordering::Relaxed) || retry.is_some();
+            if disconnected && (deletes.is_empty() || retry.is_some()) && (waiting.is_empty() || stuck) {
+                // Appends still waiting at shutdown stay unacknowledged: the broker redelivers
+                // them. Undeleted deliveries are sent again at start and dropped downstream.
                 tracing::debug!(unacknowledged = waiting.len(), "buffer thread stopping");
                 return;
             }
@@ -250,49 +282,48 @@ where
         }
     }
 
-    /// Commits deletions and as many waiting appends as fit; retries through I/O errors.
-    fn commit(&mut self, waiting: &mut VecDeque<(Append, T)>, deletes: &mut Vec<u64>) {
+    /// Commits deletions and as many waiting appends as fit. On failure nothing is acknowledged
+    /// and everything stays pending, in order, for the next attempt.
+    fn commit(
+        &mut self,
+        waiting: &mut VecDeque<(Append, T)>,
+        deletes: &mut Vec<u64>,
+        retrying: bool,
+    ) -> Result<(), StoreError> {
+        if self.store.needs_reopen() {
+            self.store.reopen(now_ms())?;
+        }
+        if retrying && !deletes.is_empty() {
+            // Deletions alone first: they need the least space, and free pages for the appends.
+            self.store.apply(deletes, &[])?;
+            deletes.clear();
+            self.publish_stats();
+        }
         let take = waiting.len().min(self.opts.max_batch);
         let (mut appends, mut tokens): (Vec<Append>, VecDeque<T>) = waiting.drain(..take).unzip();
-        let mut backoff = Duration::from_millis(100);
-        let mut retried = false;
-        let mut applied = loop {
-            let start = Instant::now();
-            match self.store.apply(deletes, &appends) {
-                Ok(applied) => {
-                    self.metrics.buffer_commit_duration.observe(start.elapsed().as_secs_f64());
-                    self.metrics.buffer_commit_records.observe((appends.len() + deletes.len()) as f64);
-                    if retried {
-                        tracing::info!("buffer writable again");
-                    }
-                    self.shared.writable.store(true, Ordering::Relaxed);
-                    self.shared.set_error(None);
-                    break applied;
-                }
-                Err(error) => {
-                    self.metrics.buffer_commit_errors.inc();
-                    self.shared.writable.store(false, Ordering::Relaxed);
-                    self.shared.set_error(Some(error.to_string()));
-                    if !retried {
-                        tracing::error!(%error, pending = appends.len(), "buffer commit failed; nothing of it was acknowledged; retrying (check the disk under the data directory)");
-                    }
-                    retried = true;
-                    // A retried group may have reached the disk after all: check every append
-                    // against the horizon so nothing is stored twice.
-                    for a in &mut appends {
-                        if let Append::DeadLetter { check_duplicate, .. } = a {
-                            *check_duplicate = true;
-                        }
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    self.shared.beat();
-                    if let Err(error) = self.store.reopen(now_ms()) {
-                        tracing::warn!(%error, "reopening the buffer failed; will retry");
-                    }
+        if retrying {
+            // A failed group may have reached the disk after all: check every append against the
+            // horizon so nothing is stored twice.
+            for a in &mut appends {
+                if let Append::DeadLetter { check_duplicate, .. } = a {
+                    *check_duplicate = true;
                 }
             }
+        }
+        let start = Instant::now();
+        let mut applied = match self.store.apply(deletes, &appends) {
+            Ok(applied) => applied,
+            Err(error) => {
+                for (a, t) in appends.into_iter().zip(tokens).rev() {
+                    waiting.push_front((a, t));
+                }
+                return Err(error);
+            }
         };
+        self.metrics.buffer_commit_duration.observe(start.elapsed().as_secs_f64());
+        self.metrics.buffer_commit_records.observe((appends.len() + deletes.len()) as f64);
+        self.shared.writable.store(true, Ordering::Relaxed);
+        self.shared.set_error(None);
         deletes.clear();
 
         let mut acks = Vec::with_capacity(take);
@@ -343,6 +374,7 @@ where
         if stored_any || applied.dropped > 0 {
             self.shared.committed.notify_one();
         }
+        Ok(())
     }
 
     fn publish_stats(&self) {

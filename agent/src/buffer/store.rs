@@ -390,6 +390,11 @@ impl Store {
         contained(|| self.open_db(now_ms).map(drop))
     }
 
+    /// Whether a failure left the file closed (see [`Store::reopen`]).
+    pub fn needs_reopen(&self) -> bool {
+        self.db.is_none()
+    }
+
     /// The counters as of the last commit.
     pub fn stats(&self) -> Stats {
         self.stats

@@ -1,7 +1,7 @@
 //! Harness for the agent's tests: real mosquitto and tansu, the agent as a child process.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -272,4 +272,45 @@ pub fn read_dlq(bootstrap: &str, count: usize, timeout: Duration) -> Result<Vec<
 pub fn natural_key(payload: &str) -> Option<(String, String)> {
     let v: serde_json::Value = serde_json::from_str(payload).ok()?;
     Some((v.get("device_id")?.as_str()?.to_owned(), v.get("timestamp")?.as_str()?.to_owned()))
+}
+
+/// Checks that every acknowledged reading is in `got`, that no reading has two seqs, and that
+/// per device the records are in order. Returns the number of extra copies (same seq again).
+pub fn check_complete(acked: &[&Published], got: &[Got]) -> usize {
+    let mut seq_of: HashMap<(String, String), u64> = HashMap::new();
+    let mut copies = 0;
+    for g in got {
+        match seq_of.insert((g.device_id.clone(), g.timestamp.clone()), g.seq) {
+            Some(prev) if prev != g.seq => {
+                panic!("reading {}/{} has two seqs: {prev} and {}", g.device_id, g.timestamp, g.seq)
+            }
+            Some(_) => copies += 1,
+            None => {}
+        }
+    }
+    for p in acked {
+        let key = natural_key(&p.payload).expect("valid payload");
+        assert!(seq_of.contains_key(&key), "acknowledged reading lost: {}", p.payload);
+    }
+    let distinct: HashSet<u64> = got.iter().map(|g| g.seq).collect();
+    assert_eq!(distinct.len(), seq_of.len(), "a seq was given to two readings");
+    // Per device: one partition, and first copies in increasing seq order.
+    let mut per_device: HashMap<&str, Vec<&Got>> = HashMap::new();
+    for g in got {
+        per_device.entry(&g.device_id).or_default().push(g);
+    }
+    for records in per_device.values_mut() {
+        records.sort_by_key(|g| g.offset);
+        assert!(records.windows(2).all(|w| w[0].partition == w[1].partition), "a device moved partition");
+        let mut high = 0;
+        for g in records.iter() {
+            if g.seq > high {
+                high = g.seq;
+            } else {
+                // A copy re-sent after a crash: never a reading seen for the first time.
+                assert!(seq_of.values().any(|&s| s == g.seq));
+            }
+        }
+    }
+    copies
 }
