@@ -300,10 +300,10 @@ fn scrape(port: u16) -> anyhow::Result<std::collections::HashMap<String, f64>> {
 fn wait_metric(port: u16, series: &str, timeout: Duration, pred: impl Fn(f64) -> bool) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(m) = scrape(port) {
-            if m.get(series).is_some_and(|v| pred(*v)) {
-                return Ok(Instant::now());
-            }
+        if let Ok(m) = scrape(port)
+            && m.get(series).is_some_and(|v| pred(*v))
+        {
+            return Ok(Instant::now());
         }
         anyhow::ensure!(Instant::now() < deadline, "{series} did not reach its target in {timeout:?}");
         std::thread::sleep(Duration::from_millis(20));

@@ -59,6 +59,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttConfig {
+    /// MQTT protocol version: "5" (default) or "3.1.1".
+    #[serde(default = "default_protocol")]
+    pub protocol: crate::ingest::Protocol,
     /// `mqtt://host:port` or `mqtts://host:port`.
     #[serde(default = "default_mqtt_url")]
     pub url: String,
@@ -210,6 +213,9 @@ fn default_data_dir() -> PathBuf {
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(20)
 }
+fn default_protocol() -> crate::ingest::Protocol {
+    crate::ingest::Protocol::V5
+}
 fn default_mqtt_url() -> String {
     "mqtt://127.0.0.1:1883".into()
 }
@@ -306,6 +312,7 @@ impl TlsSettings {
 /// Validated MQTT settings.
 #[derive(Debug, Clone)]
 pub struct MqttSettings {
+    pub protocol: crate::ingest::Protocol,
     pub host: String,
     pub port: u16,
     pub tls: Option<rumqttc::TlsConfiguration>,
@@ -539,6 +546,7 @@ impl Config {
         let session_expiry_secs = u32::try_from(m.session_expiry.get().as_secs())
             .map_err(|_| Invalid::new("mqtt.session_expiry", "must be below 136 years"))?;
         Ok(MqttSettings {
+            protocol: m.protocol,
             host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
             port: url.port().unwrap_or(default_port),
             tls: tls_files.as_ref().map(TlsSettings::to_rumqttc),

@@ -92,13 +92,19 @@ impl ClientContext for Context {
     fn error(&self, error: KafkaError, reason: &str) {
         let code = error.rdkafka_error_code();
         self.metrics.kafka_error(&code.map(|c| format!("{c:?}")).unwrap_or_else(|| "other".into()));
-        if matches!(code, Some(RDKafkaErrorCode::AllBrokersDown)) {
-            if self.status.connected.swap(false, Ordering::Relaxed) {
-                tracing::warn!("all Kafka brokers are unreachable; records stay in the buffer until they are back");
+        match code {
+            Some(RDKafkaErrorCode::AllBrokersDown) => {
+                if self.status.connected.swap(false, Ordering::Relaxed) {
+                    tracing::warn!("all Kafka brokers are unreachable; records stay in the buffer until they are back");
+                }
+                self.metrics.kafka_connected.set(0);
             }
-            self.metrics.kafka_connected.set(0);
-        } else {
-            tracing::warn!(%error, "Kafka client error: {reason}");
+            // One broker's connection failing is routine (librdkafka reconnects); the outage as
+            // a whole is reported above and in /readyz.
+            Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::Resolve) => {
+                tracing::debug!(%error, "Kafka connection: {reason}")
+            }
+            _ => tracing::warn!(%error, "Kafka client error: {reason}"),
         }
         self.status.set_error(Some(format!("{error}: {reason}")));
     }

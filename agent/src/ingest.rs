@@ -24,12 +24,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub mod client;
+
 use edgeflow_contract::{Limits, RawRecord, Reading, TimeBounds};
 use edgeflow_runtime::CancellationToken;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Filter, Packet, Publish};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use xxhash_rust::xxh3::xxh3_64;
+
+use client::{Client, Event, EventLoop};
+pub use client::{Protocol, Qos};
 
 use crate::buffer::{Append, Command, DeadLetterDraft, Outcome};
 use crate::config::MqttSettings;
@@ -39,7 +41,7 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone, Copy)]
 pub struct AckToken {
     pub pkid: u16,
-    pub qos: QoS,
+    pub qos: Qos,
     pub epoch: u64,
 }
 
@@ -117,7 +119,7 @@ impl IngestStatus {
 /// Sends PUBACKs for committed messages of the current connection epoch.
 #[derive(Clone)]
 pub struct Acker {
-    client: AsyncClient,
+    client: Client,
     epoch: Arc<Mutex<u64>>,
 }
 
@@ -132,12 +134,10 @@ impl Acker {
     pub fn ack(&self, committed: Vec<(AckToken, Outcome)>) {
         let epoch = self.epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for (token, _) in committed {
-            if token.epoch != *epoch || token.qos == QoS::AtMostOnce {
+            if token.epoch != *epoch || token.qos == Qos::AtMostOnce {
                 continue;
             }
-            let mut stub = Publish::new("", token.qos, Vec::new(), None);
-            stub.pkid = token.pkid;
-            if let Err(error) = self.client.try_ack(&stub) {
+            if let Err(error) = self.client.try_ack(token.pkid, token.qos) {
                 // Only if the client is shutting down; the broker will redeliver.
                 tracing::debug!(%error, pkid = token.pkid, "could not queue a PUBACK");
             }
@@ -147,7 +147,7 @@ impl Acker {
 
 /// A configured MQTT session, not yet running.
 pub struct Session {
-    client: AsyncClient,
+    client: Client,
     eventloop: EventLoop,
     epoch: Arc<Mutex<u64>>,
     topics: Vec<String>,
@@ -162,25 +162,7 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// Builds the client. No connection is attempted until [`run`] polls it.
     pub fn new(settings: &MqttSettings) -> Self {
-        let mut o = MqttOptions::new(settings.client_id.clone(), settings.host.clone(), settings.port);
-        o.set_keep_alive(settings.keep_alive)
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(settings.session_expiry_secs))
-            .set_receive_maximum(Some(settings.receive_maximum))
-            .set_max_packet_size(Some(settings.max_packet_size))
-            .set_manual_acks(true)
-            .set_connection_timeout(settings.connect_timeout_secs);
-        if let Some(user) = &settings.username {
-            let password = settings.password.as_ref().map(|p| p.expose().to_owned()).unwrap_or_default();
-            o.set_credentials(user.clone(), password);
-        }
-        if let Some(tls) = &settings.tls {
-            o.set_transport(rumqttc::Transport::tls_with_config(tls.clone()));
-        }
-        // Room for one PUBACK per message the broker may have in flight, plus control packets,
-        // so queuing an acknowledgement never waits on the poller.
-        let capacity = usize::from(settings.receive_maximum) * 2 + 64;
-        let (client, eventloop) = AsyncClient::new(o, capacity);
+        let (client, eventloop) = client::new(settings);
         Session { client, eventloop, epoch: Arc::new(Mutex::new(0)), topics: settings.topics.clone() }
     }
 
@@ -237,58 +219,52 @@ pub async fn run(session: Session, ingest: Ingest, shutdown: CancellationToken, 
             event = eventloop.poll() => event,
         };
         match event {
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+            Ok(Event::Publish { topic, payload, pkid, qos, dup }) => {
                 ingest.metrics.mqtt_messages_received.inc();
                 if !accepting.load(Ordering::SeqCst) {
                     // Not acknowledged: the broker redelivers it after restart.
                     continue;
                 }
                 let received_ms = crate::buffer::now_ms();
-                let topic = String::from_utf8_lossy(&publish.topic);
-                let append =
-                    classify(&topic, &publish.payload, publish.dup, received_ms, &ingest.node_id, &ingest.rules);
+                let topic = String::from_utf8_lossy(&topic);
+                let append = classify(&topic, &payload, dup, received_ms, &ingest.node_id, &ingest.rules);
                 if let Append::DeadLetter { draft, .. } = &append {
                     ingest.metrics.rejected(&draft.reason);
                 }
-                let token = AckToken { pkid: publish.pkid, qos: publish.qos, epoch: current_epoch };
+                let token = AckToken { pkid, qos, epoch: current_epoch };
                 if ingest.buffer.send_async(Command::Append(append, token)).await.is_err() {
                     tracing::warn!("buffer thread is gone; stopping ingest");
                     break;
                 }
             }
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                if ack.code != ConnectReturnCode::Success {
-                    tracing::error!(code = ?ack.code, "MQTT broker refused the connection; check credentials and client id");
+            Ok(Event::ConnAck { accepted, code, session_present }) => {
+                if !accepted {
+                    tracing::error!(code, "MQTT broker refused the connection; check credentials and client id");
                     continue;
                 }
                 backoff = Duration::from_millis(200);
                 ingest.status.connected.store(true, Ordering::Relaxed);
                 ingest.status.set_error(None);
                 ingest.metrics.mqtt_connected.set(1);
-                if ever_connected && !ack.session_present {
+                if ever_connected && !session_present {
                     tracing::warn!(
                         "MQTT broker did not keep our session; messages queued for us while disconnected may be lost at the broker (check its persistence and session expiry)"
                     );
                 } else {
-                    tracing::info!(session_present = ack.session_present, "connected to the MQTT broker");
+                    tracing::info!(session_present, "connected to the MQTT broker");
                 }
                 ever_connected = true;
-                let filters = topics.iter().map(|t| Filter::new(t.clone(), QoS::AtLeastOnce));
-                if let Err(error) = client.try_subscribe_many(filters) {
+                if let Err(error) = client.try_subscribe(&topics) {
                     tracing::error!(%error, "could not queue the subscription");
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                tracing::debug!(?ack.return_codes, "subscribed");
-            }
-            Ok(Event::Incoming(Packet::Disconnect(d))) => {
-                tracing::warn!(reason = ?d.reason_code, "MQTT broker sent DISCONNECT");
-            }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+            Ok(Event::SubAck) => tracing::debug!("subscribed"),
+            Ok(Event::BrokerDisconnect(reason)) => tracing::warn!(reason, "MQTT broker sent DISCONNECT"),
+            Ok(Event::Disconnected) => {
                 tracing::info!("disconnected from the MQTT broker");
                 break;
             }
-            Ok(_) => {}
+            Ok(Event::Other) => {}
             Err(error) => {
                 // rumqttc has already dropped the connection. Move to a new epoch and purge any
                 // acknowledgement of the old connection still queued.

@@ -64,7 +64,10 @@ struct LogLine<'a> {
     n: u64,
     device: &'a str,
     class: Class,
+    /// The payload as text (lossy for non-UTF-8 payloads).
     payload: String,
+    /// The exact payload bytes, base64.
+    payload_base64: String,
     acked: bool,
 }
 
@@ -246,6 +249,7 @@ pub async fn run(sim: Simulation, shutdown: CancellationToken) -> anyhow::Result
                 device,
                 class: *class,
                 payload: String::from_utf8_lossy(payload).into_owned(),
+                payload_base64: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, payload),
                 acked: acked[n],
             };
             serde_json::to_writer(&mut *w, &line)?;
