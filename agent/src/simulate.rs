@@ -22,7 +22,7 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde::Serialize;
 
 /// What kind of message the simulator sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Class {
     Valid,
@@ -59,16 +59,41 @@ pub struct Report {
     pub malformed: u64,
 }
 
-#[derive(Serialize)]
-struct LogLine<'a> {
-    n: u64,
-    device: &'a str,
-    class: Class,
+/// One line of the simulator's `--log`: a message and whether the broker acknowledged it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct LogEntry {
+    /// Position in publishing order.
+    pub n: u64,
+    pub device: String,
+    pub class: Class,
     /// The payload as text (lossy for non-UTF-8 payloads).
-    payload: String,
+    pub payload: String,
     /// The exact payload bytes, base64.
-    payload_base64: String,
-    acked: bool,
+    pub payload_base64: String,
+    /// Whether the broker acknowledged the PUBLISH (QoS 1).
+    pub acked: bool,
+}
+
+impl LogEntry {
+    /// The exact payload bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.payload_base64)
+            .unwrap_or_else(|_| self.payload.as_bytes().to_vec())
+    }
+
+    /// `(device_id, timestamp)` of a reading (valid or anomaly); `None` for malformed payloads.
+    pub fn natural_key(&self) -> Option<(String, String)> {
+        let v: serde_json::Value = serde_json::from_str(&self.payload).ok()?;
+        Some((v.get("device_id")?.as_str()?.to_owned(), v.get("timestamp")?.as_str()?.to_owned()))
+    }
+
+    /// Reads a log file.
+    pub fn read_all(path: &std::path::Path) -> anyhow::Result<Vec<LogEntry>> {
+        use anyhow::Context as _;
+        std::fs::read_to_string(path)?.lines().map(|l| serde_json::from_str(l).context("simulator log line")).collect()
+    }
 }
 
 /// Builds one message. Pure apart from the random generator.
@@ -244,9 +269,9 @@ pub async fn run(sim: Simulation, shutdown: CancellationToken) -> anyhow::Result
     if let Some(w) = log.as_mut() {
         use std::io::Write;
         for (n, (device, class, payload)) in lines.iter().enumerate() {
-            let line = LogLine {
+            let line = LogEntry {
                 n: n as u64,
-                device,
+                device: device.clone(),
                 class: *class,
                 payload: String::from_utf8_lossy(payload).into_owned(),
                 payload_base64: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, payload),

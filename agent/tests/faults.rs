@@ -10,7 +10,7 @@ use common::*;
 use edgeflow_testkit::free_port;
 
 fn acked(published: &[Published]) -> Vec<&Published> {
-    published.iter().filter(|p| p.acked && p.class != "malformed").collect()
+    published.iter().filter(|p| p.acked && p.class != Class::Malformed).collect()
 }
 
 /// Checks that every acknowledged reading is in `got`, that no reading has two seqs, and that
@@ -96,26 +96,7 @@ async fn kill9_mid_stream_loses_nothing_and_never_gives_a_reading_two_seqs() -> 
     let mut agent = Agent::start(&config, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
 
-    let publisher = {
-        let env_port = env.mosquitto.port;
-        let dir = env.dir.path().to_owned();
-        tokio::spawn(async move {
-            let sim = edgeflow_agent::simulate::Simulation {
-                mqtt_host: "127.0.0.1".into(),
-                mqtt_port: env_port,
-                devices: 20,
-                rate: 1500.0,
-                duration: Duration::from_secs(8),
-                bad_fraction: 0.0,
-                topic_prefix: "devices".into(),
-                device_prefix: "crash-dev".into(),
-                seed: 4,
-                log: Some(dir.join("crash.jsonl")),
-                progress: false,
-            };
-            edgeflow_agent::simulate::run(sim, edgeflow_runtime::CancellationToken::new()).await
-        })
-    };
+    let publisher = spawn_publisher(&env, "crash", 20, 1500.0, 8, 4);
     let mut seqs_before = Vec::new();
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -231,26 +212,7 @@ async fn sigterm_stops_promptly_and_nothing_is_lost_or_doubled() -> anyhow::Resu
     let mut agent = Agent::start(&config, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
 
-    let publisher = {
-        let env_port = env.mosquitto.port;
-        let dir = env.dir.path().to_owned();
-        tokio::spawn(async move {
-            let sim = edgeflow_agent::simulate::Simulation {
-                mqtt_host: "127.0.0.1".into(),
-                mqtt_port: env_port,
-                devices: 10,
-                rate: 1000.0,
-                duration: Duration::from_secs(4),
-                bad_fraction: 0.0,
-                topic_prefix: "devices".into(),
-                device_prefix: "term-dev".into(),
-                seed: 7,
-                log: Some(dir.join("term.jsonl")),
-                progress: false,
-            };
-            edgeflow_agent::simulate::run(sim, edgeflow_runtime::CancellationToken::new()).await
-        })
-    };
+    let publisher = spawn_publisher(&env, "term", 10, 1000.0, 4, 7);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let started = std::time::Instant::now();
     let status = agent.terminate(Duration::from_secs(15)).expect("exits after SIGTERM");

@@ -73,7 +73,7 @@ async fn hostile_payloads_are_dead_lettered_counted_and_the_stream_goes_on() -> 
 
     let published = publish(&env, 10, 1000.0, 2.0, 0.3, 2).await?;
     let acked: Vec<&Published> = published.iter().filter(|p| p.acked).collect();
-    let malformed = acked.iter().filter(|p| p.class == "malformed").count();
+    let malformed = acked.iter().filter(|p| p.class == Class::Malformed).count();
     let records = acked.len() - malformed;
     assert!(malformed > 50, "{malformed}");
 
@@ -162,7 +162,8 @@ async fn mqtt_3_1_1_delivers_exactly_once_and_survives_a_kill() -> anyhow::Resul
     // Published while the agent is down: the broker keeps them for the persistent session.
     let second = publish(&env, 10, 1000.0, 1.0, 0.0, 12).await?;
     let agent = Agent::start(&config, port)?;
-    let acked: Vec<&Published> = first.iter().chain(&second).filter(|p| p.acked && p.class != "malformed").collect();
+    let acked: Vec<&Published> =
+        first.iter().chain(&second).filter(|p| p.acked && p.class != Class::Malformed).collect();
     agent.wait_metric("edgeflow_agent_buffer_records", Duration::from_secs(60), |v| v == 0.0)?;
     let got = read_raw(&env.tansu.bootstrap(), acked.len(), Duration::from_secs(60))?;
     let keys: HashSet<(String, String)> = got.iter().map(|g| (g.device_id.clone(), g.timestamp.clone())).collect();

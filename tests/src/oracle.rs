@@ -11,34 +11,11 @@ use std::collections::HashMap;
 use edgeflow_contract::{DeadLetter, Limits, RawRecord};
 use serde::Serialize;
 
-/// One message the simulator published (a line of its `--log`).
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct Published {
-    pub n: u64,
-    pub device: String,
-    pub class: String,
-    pub payload: String,
-    /// The exact bytes (the simulator writes both).
-    #[serde(default)]
-    pub payload_base64: Option<String>,
-    pub acked: bool,
-}
-
-impl Published {
-    /// The exact payload bytes.
-    pub fn bytes(&self) -> Vec<u8> {
-        use base64::Engine as _;
-        self.payload_base64
-            .as_deref()
-            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
-            .unwrap_or_else(|| self.payload.as_bytes().to_vec())
-    }
-}
+pub use edgeflow_agent::simulate::{Class, LogEntry as Published};
 
 /// Reads a simulator log.
 pub fn read_published(path: &std::path::Path) -> anyhow::Result<Vec<Published>> {
-    use anyhow::Context;
-    std::fs::read_to_string(path)?.lines().map(|l| serde_json::from_str(l).context("simulator log line")).collect()
+    Published::read_all(path)
 }
 
 /// Counts for one class of message.
@@ -124,13 +101,13 @@ pub fn check_edge(published: &[Published], raw: &[Vec<u8>], dlq: &[Vec<u8>]) -> 
     }
 
     for p in published {
-        let row = if p.class == "malformed" { &mut v.malformed } else { &mut v.readings };
+        let row = if p.class == Class::Malformed { &mut v.malformed } else { &mut v.readings };
         row.published += 1;
         if !p.acked {
             continue;
         }
         row.acknowledged += 1;
-        if p.class == "malformed" {
+        if p.class == Class::Malformed {
             // Dead letters keep the payload (truncated beyond the agent's bound).
             let bytes = p.bytes();
             let bytes = bytes.as_slice();
@@ -177,7 +154,7 @@ pub fn check_edge(published: &[Published], raw: &[Vec<u8>], dlq: &[Vec<u8>]) -> 
     // saw may legitimately arrive).
     let published_keys: std::collections::HashSet<(String, String)> = published
         .iter()
-        .filter(|p| p.class != "malformed")
+        .filter(|p| p.class != Class::Malformed)
         .filter_map(|p| serde_json::from_str::<serde_json::Value>(&p.payload).ok())
         .map(|s| {
             (
@@ -200,13 +177,14 @@ mod tests {
         RawRecord { reading: r, provenance: Provenance { node_id: "n".into(), seq } }.to_json()
     }
 
-    fn published(n: u64, class: &str, payload: &str) -> Published {
+    fn published(n: u64, class: Class, payload: &str) -> Published {
+        use base64::Engine as _;
         Published {
             n,
             device: "d".into(),
-            class: class.into(),
+            class,
             payload: payload.into(),
-            payload_base64: None,
+            payload_base64: base64::engine::general_purpose::STANDARD.encode(payload),
             acked: true,
         }
     }
@@ -218,7 +196,7 @@ mod tests {
 
     #[test]
     fn a_clean_run_is_clean_and_resent_copies_are_tolerated() {
-        let p = vec![published(0, "valid", A), published(1, "valid", B)];
+        let p = vec![published(0, Class::Valid, A), published(1, Class::Valid, B)];
         let v = check_edge(&p, &[record(A, 1), record(B, 2), record(B, 2)], &[]);
         assert!(v.clean(), "{v:?}");
         assert_eq!((v.readings.delivered_once, v.resent_copies), (2, 1));
@@ -226,7 +204,7 @@ mod tests {
 
     #[test]
     fn the_oracle_catches_loss_duplication_alteration_and_strangers() {
-        let p = vec![published(0, "valid", A), published(1, "valid", B)];
+        let p = vec![published(0, Class::Valid, A), published(1, Class::Valid, B)];
         let lost = check_edge(&p, &[record(A, 1)], &[]);
         assert_eq!(lost.readings.missing, 1);
         assert!(!lost.clean());

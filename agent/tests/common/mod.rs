@@ -177,17 +177,36 @@ pub async fn publish(env: &Env, devices: u32, rate: f64, secs: f64, bad: f64, se
     read_published(&log)
 }
 
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct Published {
-    pub n: u64,
-    pub device: String,
-    pub class: String,
-    pub payload: String,
-    pub acked: bool,
-}
+#[allow(unused_imports)] // not every test binary uses both
+pub use edgeflow_agent::simulate::{Class, LogEntry as Published};
 
 pub fn read_published(path: &Path) -> Result<Vec<Published>> {
-    std::fs::read_to_string(path)?.lines().map(|l| serde_json::from_str(l).context("simulator log line")).collect()
+    Published::read_all(path)
+}
+
+/// Starts the simulator in the background, logging to `<dir>/<name>.jsonl`.
+pub fn spawn_publisher(
+    env: &Env,
+    name: &str,
+    devices: u32,
+    rate: f64,
+    secs: u64,
+    seed: u64,
+) -> tokio::task::JoinHandle<Result<edgeflow_agent::simulate::Report>> {
+    let sim = edgeflow_agent::simulate::Simulation {
+        mqtt_host: "127.0.0.1".into(),
+        mqtt_port: env.mosquitto.port,
+        devices,
+        rate,
+        duration: Duration::from_secs(secs),
+        bad_fraction: 0.0,
+        topic_prefix: "devices".into(),
+        device_prefix: format!("{name}-dev"),
+        seed,
+        log: Some(env.dir.path().join(format!("{name}.jsonl"))),
+        progress: false,
+    };
+    tokio::spawn(edgeflow_agent::simulate::run(sim, edgeflow_runtime::CancellationToken::new()))
 }
 
 /// A record read back from raw-data.
