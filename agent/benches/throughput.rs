@@ -24,6 +24,8 @@ use rdkafka::message::Message;
 
 fn main() -> anyhow::Result<()> {
     let n: usize = std::env::var("BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    // `BENCH_PHASES=steady` skips the backlog drains (for iterating on latency and memory).
+    let drain = std::env::var("BENCH_PHASES").map_or(true, |p| p.contains("drain"));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mosquitto = Mosquitto::start()?;
     let tansu = Tansu::start(TansuStorage::Memory)?;
@@ -35,7 +37,9 @@ fn main() -> anyhow::Result<()> {
     println!("backlog: {n} QoS 1 messages of ~130 bytes, persistent session, mosquitto {}", mosquitto_version());
 
     // 1. Baseline: mosquitto_sub.
-    let base_rate = {
+    let base_rate = if !drain {
+        f64::NAN
+    } else {
         subscribe_once(mosquitto.port, "bench-baseline")?;
         preload(mosquitto.port, &backlog)?;
         let start = Instant::now();
@@ -63,39 +67,47 @@ fn main() -> anyhow::Result<()> {
         ),
     )?;
     let agent_bin = env!("CARGO_BIN_EXE_edgeflow-agent");
-    // First start creates the session and subscription; stop, then fill the backlog.
-    {
+    let (mut commit_rate, mut forward_rate, mut commits) = (f64::NAN, f64::NAN, f64::NAN);
+    if drain {
+        // First start creates the session and subscription; stop, then fill the backlog.
+        {
+            let mut agent = start_agent(agent_bin, &config, metrics_port, dir.path())?;
+            wait_metric(metrics_port, "edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
+            std::thread::sleep(Duration::from_millis(500));
+            agent.terminate(Duration::from_secs(10));
+        }
+        preload(mosquitto.port, &backlog)?;
+        let start = Instant::now();
         let mut agent = start_agent(agent_bin, &config, metrics_port, dir.path())?;
-        wait_metric(metrics_port, "edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
-        std::thread::sleep(Duration::from_millis(500));
+        let committed_at =
+            wait_metric(metrics_port, "edgeflow_agent_records_committed_total", Duration::from_secs(300), |v| {
+                v >= n as f64
+            })?;
+        commit_rate = n as f64 / (committed_at - start).as_secs_f64();
+        let forwarded_at = wait_metric(
+            metrics_port,
+            "edgeflow_agent_records_forwarded_total{kind=\"record\"}",
+            Duration::from_secs(300),
+            |v| v >= n as f64,
+        )?;
+        forward_rate = n as f64 / (forwarded_at - start).as_secs_f64();
+        let m = scrape(metrics_port)?;
+        commits = m.get("edgeflow_agent_buffer_commit_duration_seconds_count").copied().unwrap_or(0.0);
+        println!(
+            "agent MQTT -> redb (durable commits): {commit_rate:>9.0} msg/s  ({:.2} of baseline, {:.0} records per commit)",
+            commit_rate / base_rate,
+            n as f64 / commits.max(1.0)
+        );
+        println!(
+            "agent MQTT -> redb -> Kafka acked:    {forward_rate:>9.0} msg/s  ({:.2} of baseline)",
+            forward_rate / base_rate
+        );
+        // Memory is measured on a fresh process below, not on one that just drained a backlog.
         agent.terminate(Duration::from_secs(10));
     }
-    preload(mosquitto.port, &backlog)?;
-    let start = Instant::now();
+
     let mut agent = start_agent(agent_bin, &config, metrics_port, dir.path())?;
-    let committed_at =
-        wait_metric(metrics_port, "edgeflow_agent_records_committed_total", Duration::from_secs(300), |v| {
-            v >= n as f64
-        })?;
-    let commit_rate = n as f64 / (committed_at - start).as_secs_f64();
-    let forwarded_at = wait_metric(
-        metrics_port,
-        "edgeflow_agent_records_forwarded_total{kind=\"record\"}",
-        Duration::from_secs(300),
-        |v| v >= n as f64,
-    )?;
-    let forward_rate = n as f64 / (forwarded_at - start).as_secs_f64();
-    let m = scrape(metrics_port)?;
-    let commits = m.get("edgeflow_agent_buffer_commit_duration_seconds_count").copied().unwrap_or(0.0);
-    println!(
-        "agent MQTT -> redb (durable commits): {commit_rate:>9.0} msg/s  ({:.2} of baseline, {:.0} records per commit)",
-        commit_rate / base_rate,
-        n as f64 / commits.max(1.0)
-    );
-    println!(
-        "agent MQTT -> redb -> Kafka acked:    {forward_rate:>9.0} msg/s  ({:.2} of baseline)",
-        forward_rate / base_rate
-    );
+    wait_metric(metrics_port, "edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
 
     // 3. Steady load at 500 msg/s: latency and memory.
     let consumer: BaseConsumer = ClientConfig::new()
@@ -234,6 +246,7 @@ fn subscribe_once(port: u16, client_id: &str) -> anyhow::Result<()> {
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-c", "-i", client_id, "-V", "mqttv5"])
         .args(["-x", "604800", "-t", "devices/+/telemetry", "-W", "1"])
         .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .status()?;
     // -W 1 exits with a timeout status after one second: that is the point.
     let _ = status;

@@ -133,7 +133,7 @@ fn producer(settings: &KafkaSettings, client_id: &str, ctx: Context) -> Result<K
         // No local timeout: a message is retried until delivered (the buffer is the bound).
         .set("message.timeout.ms", "0")
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
+        .set("linger.ms", "2")
         .set("batch.num.messages", "10000")
         .set("compression.type", "lz4")
         .set("queue.buffering.max.messages", (settings.max_in_flight * 2 + 1000).to_string())
@@ -151,6 +151,8 @@ pub struct Forward {
     pub client_id: String,
     pub buffer: flume::Sender<Command<crate::ingest::AckToken>>,
     pub shared: Arc<Shared>,
+    /// Entries just committed, handed over by the buffer thread.
+    pub tail: flume::Receiver<crate::buffer::Tail>,
     pub metrics: Metrics,
     pub status: Arc<KafkaStatus>,
 }
@@ -176,6 +178,7 @@ pub async fn run(fwd: Forward, shutdown: CancellationToken, drain_timeout: Durat
     let mut failed = false;
     let mut backoff = Duration::from_millis(250);
     let mut stop_at: Option<Instant> = None;
+    let mut tail: std::collections::VecDeque<crate::buffer::Tail> = std::collections::VecDeque::new();
 
     loop {
         // 1. Take delivery reports.
@@ -235,14 +238,50 @@ pub async fn run(fwd: Forward, shutdown: CancellationToken, drain_timeout: Durat
             }
             backoff = (backoff * 2).min(Duration::from_secs(30));
             cursor = 0;
+            tail.clear();
             failed = false;
             continue;
         }
 
-        // 4. Fill the window from the buffer.
-        let room = max_in_flight.saturating_sub(in_flight);
+        // 4. Fill the window: first with entries the buffer thread just handed over (no read
+        //    back), then, when behind (after a restart, an outage, a rewind), from the file.
         let mut sent_any = false;
-        if room > 0 {
+        let mut room = max_in_flight.saturating_sub(in_flight);
+        while let Ok(batch) = fwd.tail.try_recv() {
+            tail.push_back(batch);
+        }
+        if room == 0 {
+            // Kafka is not keeping up (or is down): hold no copies we cannot send; what is
+            // still buffered is read back later, and what the buffer drops in the meantime
+            // (drop_oldest) must not reach Kafka from here.
+            tail.clear();
+        }
+        while room > 0 && !failed {
+            let Some(batch) = tail.front_mut() else { break };
+            // Entries below the cursor were already sent; a gap above it means we are behind.
+            batch.retain(|(seq, _)| *seq >= cursor);
+            match batch.first().map(|(seq, _)| *seq) {
+                None => {
+                    tail.pop_front();
+                }
+                Some(first) if first != cursor => break,
+                Some(_) => {
+                    let take = batch.len().min(room);
+                    let rest = batch.split_off(take);
+                    let chunk = std::mem::replace(batch, rest);
+                    let sent =
+                        send_entries(&fwd, &producer, &chunk, &mut cursor, &mut in_flight, &mut delivered, &mut failed);
+                    sent_any |= sent > 0;
+                    room -= sent;
+                    if sent < chunk.len() {
+                        break;
+                    }
+                }
+            }
+        }
+        let behind = cursor < fwd.shared.stats().next_seq;
+        if room > 0 && behind && !failed {
+            let next_seq = fwd.shared.stats().next_seq;
             let (tx, rx) = tokio::sync::oneshot::channel();
             let read = Command::Read { from: cursor, max_records: room.min(chunk), max_bytes: 4 << 20, reply: tx };
             if fwd.buffer.send_async(read).await.is_err() {
@@ -257,55 +296,22 @@ pub async fn run(fwd: Forward, shutdown: CancellationToken, drain_timeout: Durat
                 }
                 Err(_) => return Ok(()),
             };
-            for (seq, bytes) in &rows {
-                let e = match entry::decode(bytes) {
-                    Ok(e) => e,
-                    Err(error) => {
-                        tracing::error!(seq, %error, "a buffered entry is damaged and cannot be sent; removing it");
-                        delivered.push(*seq);
-                        cursor = seq + 1;
-                        continue;
-                    }
-                };
-                let topic = match e.kind {
-                    Kind::Record => fwd.settings.topic.as_str(),
-                    Kind::DeadLetter => fwd.settings.dlq_topic.as_str(),
-                };
-                let flight = Box::new(InFlight {
-                    seq: *seq,
-                    kind: e.kind,
-                    produced: Instant::now(),
-                    received_ms: e.received_ms,
-                });
-                let record = BaseRecord::with_opaque_to(topic, flight).key(e.key).payload(e.value);
-                match producer.send(record) {
-                    Ok(()) => {
-                        in_flight += 1;
-                        cursor = seq + 1;
-                        sent_any = true;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        // librdkafka's queue is full despite the window; let it drain.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        break;
-                    }
-                    Err((error, _)) => {
-                        tracing::error!(seq, %error, "Kafka refused an entry; it stays buffered and is retried");
-                        fwd.metrics.kafka_delivery_errors.inc();
-                        fwd.status.set_error(Some(error.to_string()));
-                        failed = true;
-                        break;
-                    }
-                }
+            if rows.is_empty() {
+                // Nothing at or after the cursor existed when read (delivered or dropped).
+                cursor = cursor.max(next_seq);
             }
+            let full = rows.len() >= room.min(chunk);
+            let sent = send_entries(&fwd, &producer, &rows, &mut cursor, &mut in_flight, &mut delivered, &mut failed);
+            sent_any |= sent > 0;
             fwd.metrics.kafka_in_flight.set(in_flight as i64);
-            if sent_any && !failed {
-                backoff = Duration::from_millis(250);
-            }
-            if rows.len() >= room.min(chunk) && !failed {
+            if full && sent == rows.len() && !failed {
                 // More may be waiting right now; do not sleep.
                 continue;
             }
+        }
+        fwd.metrics.kafka_in_flight.set(in_flight as i64);
+        if sent_any && !failed {
+            backoff = Duration::from_millis(250);
         }
 
         // 5. Wait for a delivery report, new entries, or shutdown.
@@ -315,13 +321,68 @@ pub async fn run(fwd: Forward, shutdown: CancellationToken, drain_timeout: Durat
                     in_flight -= 1;
                     handle_report(&fwd, report, &mut delivered, &mut failed);
                 },
-                _ = fwd.shared.committed.notified(), if in_flight < max_in_flight => {}
+                b = fwd.tail.recv_async(), if in_flight < max_in_flight => if let Ok(batch) = b {
+                    tail.push_back(batch);
+                },
+                _ = fwd.shared.committed.notified(), if in_flight < max_in_flight && tail.is_empty() => {}
                 _ = shutdown.cancelled() => {}
                 // Entries dropped or re-read after an error; also a periodic safety net.
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }
+}
+
+/// Hands entries to the producer in order, advancing the cursor. Returns how many were taken
+/// (fewer than given if librdkafka's queue is full or an entry is refused).
+fn send_entries(
+    fwd: &Forward,
+    producer: &KafkaProducer,
+    rows: &[(u64, Vec<u8>)],
+    cursor: &mut u64,
+    in_flight: &mut usize,
+    delivered: &mut Vec<u64>,
+    failed: &mut bool,
+) -> usize {
+    let mut sent = 0;
+    for (seq, bytes) in rows {
+        let e = match entry::decode(bytes) {
+            Ok(e) => e,
+            Err(error) => {
+                tracing::error!(seq, %error, "a buffered entry is damaged and cannot be sent; removing it");
+                delivered.push(*seq);
+                *cursor = seq + 1;
+                sent += 1;
+                continue;
+            }
+        };
+        let topic = match e.kind {
+            Kind::Record => fwd.settings.topic.as_str(),
+            Kind::DeadLetter => fwd.settings.dlq_topic.as_str(),
+        };
+        let flight =
+            Box::new(InFlight { seq: *seq, kind: e.kind, produced: Instant::now(), received_ms: e.received_ms });
+        let record = BaseRecord::with_opaque_to(topic, flight).key(e.key).payload(e.value);
+        match producer.send(record) {
+            Ok(()) => {
+                *in_flight += 1;
+                *cursor = seq + 1;
+                sent += 1;
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                // librdkafka's queue is full despite the window; let it drain.
+                break;
+            }
+            Err((error, _)) => {
+                tracing::error!(seq, %error, "Kafka refused an entry; it stays buffered and is retried");
+                fwd.metrics.kafka_delivery_errors.inc();
+                fwd.status.set_error(Some(error.to_string()));
+                *failed = true;
+                break;
+            }
+        }
+    }
+    sent
 }
 
 async fn wait_report(

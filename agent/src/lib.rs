@@ -118,11 +118,13 @@ pub async fn run_with(
     let session = ingest::Session::new(&settings.mqtt);
     let acker = session.acker();
     let shared = Arc::new(buffer::Shared::default());
+    let (tail_tx, tail_rx) = flume::bounded(buffer::TAIL_CAPACITY);
     let (buffer_tx, buffer_thread) = buffer::spawn(
         store,
         ThreadOptions { max_batch: settings.buffer.max_batch },
         metrics.clone(),
         shared.clone(),
+        tail_tx,
         move |acks| acker.ack(acks),
     )
     .map_err(RunError::Thread)?;
@@ -151,6 +153,7 @@ pub async fn run_with(
             client_id: format!("edgeflow-agent-{}", settings.node_id),
             buffer: buffer_tx,
             shared: shared.clone(),
+            tail: tail_rx,
             metrics: metrics.clone(),
             status: kafka_status.clone(),
         },

@@ -85,6 +85,17 @@ pub struct Shared {
     pub committed: tokio::sync::Notify,
 }
 
+/// Entries just committed, handed to the forwarder so it need not read them back.
+pub type Tail = Vec<(u64, Vec<u8>)>;
+
+/// How many committed groups may wait for the forwarder before the buffer thread stops handing
+/// them over (the forwarder then reads them from the file).
+pub const TAIL_CAPACITY: usize = 4;
+
+/// Larger groups are not handed over: at such rates the forwarder reads in large chunks anyway,
+/// and this bounds the memory held in hand-overs.
+pub const TAIL_MAX_ENTRIES: usize = 256;
+
 impl Shared {
     pub fn stats(&self) -> Stats {
         *self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -134,6 +145,7 @@ pub fn spawn<T, F>(
     opts: ThreadOptions,
     metrics: Metrics,
     shared: Arc<Shared>,
+    tail: flume::Sender<Tail>,
     on_commit: F,
 ) -> std::io::Result<(flume::Sender<Command<T>>, std::thread::JoinHandle<()>)>
 where
@@ -143,7 +155,7 @@ where
     let (tx, rx) = flume::unbounded();
     let handle = std::thread::Builder::new()
         .name("buffer".into())
-        .spawn(move || BufferThread { store, opts, metrics, shared, on_commit, rx }.run())?;
+        .spawn(move || BufferThread { store, opts, metrics, shared, tail, on_commit, rx }.run())?;
     Ok((tx, handle))
 }
 
@@ -152,6 +164,7 @@ struct BufferThread<T, F> {
     opts: ThreadOptions,
     metrics: Metrics,
     shared: Arc<Shared>,
+    tail: flume::Sender<Tail>,
     on_commit: F,
     rx: flume::Receiver<Command<T>>,
 }
@@ -198,12 +211,13 @@ where
                 }
             }
 
-            if !waiting.is_empty() || !deletes.is_empty() {
-                self.commit(&mut waiting, &mut deletes);
-            }
+            // Reads first: they want what is already committed, and should not wait for an fsync.
             for (from, max_records, max_bytes, reply) in reads.drain(..) {
                 let result = self.store.read(from, max_records, max_bytes).map_err(|e| e.to_string());
                 let _ = reply.send(result);
+            }
+            if !waiting.is_empty() || !deletes.is_empty() {
+                self.commit(&mut waiting, &mut deletes);
             }
             // A barrier is answered once nothing received before it is still waiting.
             if waiting.is_empty() {
@@ -242,7 +256,7 @@ where
         let (mut appends, mut tokens): (Vec<Append>, VecDeque<T>) = waiting.drain(..take).unzip();
         let mut backoff = Duration::from_millis(100);
         let mut retried = false;
-        let applied = loop {
+        let mut applied = loop {
             let start = Instant::now();
             match self.store.apply(deletes, &appends) {
                 Ok(applied) => {
@@ -321,6 +335,10 @@ where
         let stored_any = acks.iter().any(|(_, o)| matches!(o, Outcome::Stored { .. }));
         if !acks.is_empty() {
             (self.on_commit)(acks);
+        }
+        if !applied.stored.is_empty() && applied.stored.len() <= TAIL_MAX_ENTRIES {
+            // Hand the new entries to the forwarder; if it is behind, it reads them later.
+            let _ = self.tail.try_send(std::mem::take(&mut applied.stored));
         }
         if stored_any || applied.dropped > 0 {
             self.shared.committed.notify_one();

@@ -111,6 +111,9 @@ pub struct Applied {
     pub deleted: u64,
     /// Oldest entries deleted to make room under [`WhenFull::DropOldest`].
     pub dropped: u64,
+    /// The entries stored, `(seq, entry bytes)`, so the forwarder can take them without
+    /// reading them back.
+    pub stored: Vec<(u64, Vec<u8>)>,
 }
 
 /// Counters describing the buffer.
@@ -485,6 +488,7 @@ impl Store {
                     }
                 }
                 records.insert(seq, bytes.as_slice()).map_err(txn_err)?;
+                applied.stored.push((seq, bytes));
                 stats.next_seq += 1;
                 stats.bytes += need;
                 stats.count += 1;
