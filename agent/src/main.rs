@@ -23,6 +23,11 @@ enum Command {
     Run {
         #[arg(long, short, default_value = "/etc/edgeflow/agent.toml")]
         config: PathBuf,
+        /// Never run the [bootstrap] section in this process: it is left to a separate, privileged
+        /// unit (the packaged edgeflow-bootstrap.service). The packaged daemon runs unprivileged
+        /// and passes this.
+        #[arg(long)]
+        no_bootstrap: bool,
     },
     /// Check a configuration file: exit 0 if valid, 2 with the field and the problem if not.
     Validate {
@@ -37,6 +42,18 @@ enum Command {
         /// nodeadm commands; change nothing.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// For systemd's ExecCondition=: exit 0 if this node is configured, 1 if it is not.
+    ///
+    /// The agent counts as configured once its file differs in any byte from `default-config`
+    /// (the file the package installs); with --bootstrap, once [bootstrap] enabled = true (an
+    /// unreadable or invalid file also exits 0, so that the service reports the problem).
+    IsConfigured {
+        #[arg(long, short, default_value = "/etc/edgeflow/agent.toml")]
+        config: PathBuf,
+        /// Check the [bootstrap] section instead of the file as a whole.
+        #[arg(long)]
+        bootstrap: bool,
     },
     /// Print the commented default configuration.
     DefaultConfig,
@@ -104,9 +121,9 @@ enum BufferAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => {
+        Command::Run { config, no_bootstrap } => {
             logging::init("info", Target::Auto);
-            report(run(&config))
+            report(run(&config, no_bootstrap))
         }
         Command::Validate { config } => {
             let result = Config::load(&config).map_err(anyhow::Error::from).and_then(|c| {
@@ -128,6 +145,7 @@ fn main() -> ExitCode {
             logging::init("info", Target::Stderr);
             bootstrap(&config, dry_run)
         }
+        Command::IsConfigured { config, bootstrap } => is_configured(&config, bootstrap),
         Command::DefaultConfig => {
             print!("{}", *DEFAULT_CONFIG);
             ExitCode::SUCCESS
@@ -163,8 +181,11 @@ fn settings(config: &Path) -> anyhow::Result<edgeflow_agent::Settings> {
     Ok(c.validate()?)
 }
 
-fn run(config: &Path) -> anyhow::Result<()> {
-    let settings = settings(config)?;
+fn run(config: &Path, no_bootstrap: bool) -> anyhow::Result<()> {
+    let mut settings = settings(config)?;
+    if no_bootstrap && settings.bootstrap.take().is_some() {
+        tracing::info!("The [bootstrap] section is left to edgeflow-bootstrap.service (--no-bootstrap).");
+    }
     let rt = runtime()?;
     rt.block_on(async move {
         let shutdown = CancellationToken::new();
@@ -174,8 +195,38 @@ fn run(config: &Path) -> anyhow::Result<()> {
     })
 }
 
+/// `edgeflow-agent is-configured`: see the subcommand's doc. Exit codes 1..=254 make systemd skip
+/// the unit without marking it failed; 0 lets it start.
+fn is_configured(config: &Path, bootstrap: bool) -> ExitCode {
+    const NOT_CONFIGURED: ExitCode = ExitCode::FAILURE;
+    let text = match std::fs::read_to_string(config) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("{} does not exist: this node is not configured", config.display());
+            return NOT_CONFIGURED;
+        }
+        // Unreadable: let the service start and say why.
+        Err(_) => return ExitCode::SUCCESS,
+    };
+    if bootstrap {
+        let enabled = Config::load(config).map_or(true, |c| c.bootstrap.enabled);
+        if !enabled {
+            eprintln!("[bootstrap] is not enabled in {}: nothing to do", config.display());
+            return NOT_CONFIGURED;
+        }
+    } else if text == *DEFAULT_CONFIG {
+        eprintln!(
+            "{} is the default configuration: this node is not configured yet (edit it, then start the service)",
+            config.display()
+        );
+        return NOT_CONFIGURED;
+    }
+    ExitCode::SUCCESS
+}
+
 /// `edgeflow-agent bootstrap`: one attempt, in the foreground. Exit 0 when the node joined (or
-/// the dry run's preflight passed), 1 otherwise, 2 for an invalid configuration.
+/// the dry run's preflight passed), 1 when it failed and a retry may succeed, 2 for an invalid or
+/// disabled configuration, 3 when an operator must act (systemd's RestartPreventExitStatus=).
 fn bootstrap(config: &Path, dry_run: bool) -> ExitCode {
     let settings = match settings(config) {
         Ok(s) => s,
@@ -212,10 +263,13 @@ fn bootstrap(config: &Path, dry_run: bool) -> ExitCode {
             println!("joined: ran {}", ran.join(", "));
             ExitCode::SUCCESS
         }
-        Ok(Err(e)) => {
-            let next = if e.is_retryable() { "retrying later may succeed" } else { "an operator must act" };
-            eprintln!("error: {e}\n({next})");
+        Ok(Err(e)) if e.is_retryable() => {
+            eprintln!("error: {e}\n(retrying later may succeed)");
             ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
+            eprintln!("error: {e}\n(an operator must act)");
+            ExitCode::from(3)
         }
         Err(e) => {
             eprintln!("error: {e:#}");
