@@ -89,7 +89,9 @@ impl ClientContext for Context {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 tracing::warn!(facility = fac, "librdkafka: {message}")
             }
-            RDKafkaLogLevel::Warning | RDKafkaLogLevel::Notice => tracing::info!(facility = fac, "librdkafka: {message}"),
+            RDKafkaLogLevel::Warning | RDKafkaLogLevel::Notice => {
+                tracing::info!(facility = fac, "librdkafka: {message}")
+            }
             _ => tracing::debug!(facility = fac, "librdkafka: {message}"),
         }
     }
