@@ -60,7 +60,7 @@ fn main() -> anyhow::Result<()> {
         &config,
         format!(
             "node_id = \"bench\"\ndata_dir = \"{}\"\n[mqtt]\nurl = \"{}\"\nclient_id = \"bench-agent\"\nreceive_maximum = 16384\n\
-             [kafka]\nbrokers = \"{}\"\nmax_in_flight = 50000\n[buffer]\ndedup_horizon = 100000\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+             [kafka]\nbrokers = \"{}\"\nmax_in_flight = 50000\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
             dir.path().join("data").display(),
             mosquitto.url(),
             tansu.bootstrap()
@@ -74,7 +74,10 @@ fn main() -> anyhow::Result<()> {
             let mut agent = start_agent(agent_bin, &config, metrics_port, dir.path())?;
             wait_metric(metrics_port, "edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
             std::thread::sleep(Duration::from_millis(500));
-            agent.terminate(Duration::from_secs(10));
+            anyhow::ensure!(
+                agent.terminate(Duration::from_secs(30)).is_some_and(|s| s.success()),
+                "the agent did not stop cleanly"
+            );
         }
         preload(mosquitto.port, &backlog)?;
         let start = Instant::now();
@@ -102,8 +105,18 @@ fn main() -> anyhow::Result<()> {
             "agent MQTT -> redb -> Kafka acked:    {forward_rate:>9.0} msg/s  ({:.2} of baseline)",
             forward_rate / base_rate
         );
+        let left = scrape(metrics_port)?.get("edgeflow_agent_buffer_records").copied().unwrap_or(f64::NAN);
+        let drained_at =
+            wait_metric(metrics_port, "edgeflow_agent_buffer_records", Duration::from_secs(120), |v| v == 0.0)?;
+        println!(
+            "  (when Kafka had acknowledged all: {left} entries awaited deletion; buffer empty {:.1}s later)",
+            (drained_at - forwarded_at).as_secs_f64()
+        );
         // Memory is measured on a fresh process below, not on one that just drained a backlog.
-        agent.terminate(Duration::from_secs(10));
+        anyhow::ensure!(
+            agent.terminate(Duration::from_secs(30)).is_some_and(|s| s.success()),
+            "the agent did not stop cleanly"
+        );
     }
 
     let mut agent = start_agent(agent_bin, &config, metrics_port, dir.path())?;
@@ -164,6 +177,9 @@ fn main() -> anyhow::Result<()> {
         }
     }
     sim.kill9();
+    let resent =
+        scrape(metrics_port)?.get("edgeflow_agent_records_forwarded_total{kind=\"record\"}").copied().unwrap_or(0.0);
+    anyhow::ensure!(resent <= 11_000.0, "the steady phase forwarded {resent} records: more than the simulator sent");
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         latencies
@@ -210,8 +226,10 @@ struct AgentProc {
 }
 
 impl AgentProc {
-    fn terminate(&mut self, t: Duration) {
-        self.child.terminate(t);
+    fn terminate(&mut self, t: Duration) -> Option<std::process::ExitStatus> {
+        let status = self.child.terminate(t);
+        self.child.kill9();
+        status
     }
     fn pid_of(&self) -> Option<u32> {
         self.child.pid()

@@ -256,13 +256,13 @@ fn default_when_full() -> WhenFull {
     WhenFull::Block
 }
 fn default_dedup_horizon() -> u64 {
-    100_000
+    32_768
 }
 fn default_max_batch() -> u32 {
     8192
 }
 fn default_cache_size() -> ByteSize {
-    ByteSize::mib(8)
+    ByteSize::mib(4)
 }
 fn default_max_payload_bytes() -> ByteSize {
     ByteSize::kib(16)
