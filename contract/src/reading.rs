@@ -155,21 +155,21 @@ impl TimeBounds {
     }
 
     fn check(&self, event_ms: i64) -> Result<(), Rejection> {
-        if let Some(past) = self.max_past_ms {
-            if event_ms < self.now_ms.saturating_sub(past) {
-                return Err(Rejection::new(
-                    RejectReason::TimestampOutOfRange,
-                    format!("timestamp is more than {}s in the past", past / 1000),
-                ));
-            }
+        if let Some(past) = self.max_past_ms
+            && event_ms < self.now_ms.saturating_sub(past)
+        {
+            return Err(Rejection::new(
+                RejectReason::TimestampOutOfRange,
+                format!("timestamp is more than {}s in the past", past / 1000),
+            ));
         }
-        if let Some(future) = self.max_future_ms {
-            if event_ms > self.now_ms.saturating_add(future) {
-                return Err(Rejection::new(
-                    RejectReason::TimestampOutOfRange,
-                    format!("timestamp is more than {}s in the future", future / 1000),
-                ));
-            }
+        if let Some(future) = self.max_future_ms
+            && event_ms > self.now_ms.saturating_add(future)
+        {
+            return Err(Rejection::new(
+                RejectReason::TimestampOutOfRange,
+                format!("timestamp is more than {}s in the future", future / 1000),
+            ));
         }
         Ok(())
     }

@@ -34,31 +34,55 @@ pub struct RawRecord<'a> {
 }
 
 #[derive(Serialize)]
-struct Wire<'a> {
+struct WireWithoutSeq<'a> {
     device_id: &'a str,
     timestamp: &'a str,
     temperature: f64,
     humidity: f64,
     status: &'a str,
     node_id: &'a str,
-    seq: u64,
 }
 
 impl<'a> RawRecord<'a> {
     /// Appends the JSON encoding to `out`.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        let r = &self.reading;
-        let wire = Wire {
-            device_id: &r.device_id,
-            timestamp: &r.timestamp,
-            temperature: r.temperature,
-            humidity: r.humidity,
-            status: &r.status,
-            node_id: &self.provenance.node_id,
-            seq: self.provenance.seq,
+        Self::write_json_until_seq(&self.reading, &self.provenance.node_id, out);
+        Self::finish_json(self.provenance.seq, out);
+    }
+
+    /// Appends the encoding up to `"seq":` (without the number). With [`RawRecord::finish_json`]
+    /// this lets the agent encode a reading before its `seq` is known and append the number
+    /// inside the buffer's commit, without encoding twice.
+    pub fn write_json_until_seq(reading: &Reading<'_>, node_id: &str, out: &mut Vec<u8>) {
+        let wire = WireWithoutSeq {
+            device_id: &reading.device_id,
+            timestamp: &reading.timestamp,
+            temperature: reading.temperature,
+            humidity: reading.humidity,
+            status: &reading.status,
+            node_id,
         };
         // Writing plain strings and finite floats into a Vec cannot fail.
-        serde_json::to_writer(out, &wire).expect("serialising a RawRecord into memory is infallible");
+        serde_json::to_writer(&mut *out, &wire).expect("serialising a RawRecord into memory is infallible");
+        out.pop(); // the closing brace
+        out.extend_from_slice(b",\"seq\":");
+    }
+
+    /// Completes an encoding started by [`RawRecord::write_json_until_seq`].
+    pub fn finish_json(seq: u64, out: &mut Vec<u8>) {
+        let mut digits = [0u8; 20];
+        let mut n = seq;
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        out.extend_from_slice(&digits[i..]);
+        out.push(b'}');
     }
 
     /// The JSON encoding.
@@ -102,6 +126,26 @@ mod tests {
         );
         let back = RawRecord::parse(&json, &Limits::default()).expect("valid raw record");
         assert_eq!(back, record);
+    }
+
+    #[test]
+    fn split_encoding_equals_whole_encoding() {
+        let reading = Reading::parse(
+            br#"{"device_id":"d\"q","timestamp":"2024-12-26T10:00:00Z","temperature":-0.5,"humidity":1e-7,"status":"OK"}"#,
+            &Limits::default(),
+            &TimeBounds::unbounded(),
+        )
+        .expect("valid");
+        for seq in [0, 7, 10, 1_735_207_200_000_001, u64::MAX] {
+            let whole =
+                RawRecord { reading: reading.clone(), provenance: Provenance { node_id: "n".into(), seq } }.to_json();
+            let mut split = Vec::new();
+            RawRecord::write_json_until_seq(&reading, "n", &mut split);
+            RawRecord::finish_json(seq, &mut split);
+            assert_eq!(String::from_utf8_lossy(&split), String::from_utf8_lossy(&whole));
+            let back = RawRecord::parse(&split, &Limits::default()).expect("parses");
+            assert_eq!(back.provenance.seq, seq);
+        }
     }
 
     #[test]

@@ -212,12 +212,12 @@ pub fn read_secret_file(field: &str, path: &Path) -> Result<Secret, Invalid> {
 /// Where a credential file actually is: `$CREDENTIALS_DIRECTORY/<path>` when `path` is relative
 /// and that file exists, `path` otherwise.
 pub fn resolve_credential_path(path: &Path) -> PathBuf {
-    if path.is_relative() {
-        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-            let candidate = Path::new(&dir).join(path);
-            if candidate.exists() {
-                return candidate;
-            }
+    if path.is_relative()
+        && let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY")
+    {
+        let candidate = Path::new(&dir).join(path);
+        if candidate.exists() {
+            return candidate;
         }
     }
     path.to_owned()

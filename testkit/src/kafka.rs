@@ -32,10 +32,10 @@ pub async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> Result<()
         match admin.create_topics(new.iter(), &opts).await {
             Ok(results) => {
                 for r in results {
-                    if let Err((name, code)) = r {
-                        if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
-                            bail!("creating topic {name} failed: {code}");
-                        }
+                    if let Err((name, code)) = r
+                        && code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists
+                    {
+                        bail!("creating topic {name} failed: {code}");
                     }
                 }
                 return Ok(());

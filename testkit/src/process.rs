@@ -69,6 +69,11 @@ impl Child {
         Ok(Self { name: name.to_owned(), inner: Some(inner) })
     }
 
+    /// Takes ownership of an already started process.
+    pub fn adopt(name: &str, inner: std::process::Child) -> Self {
+        Self { name: name.to_owned(), inner: Some(inner) }
+    }
+
     /// The process id, while running.
     pub fn pid(&self) -> Option<u32> {
         self.inner.as_ref().map(std::process::Child::id)

@@ -39,12 +39,17 @@ impl Mosquitto {
 
     fn spawn(dir: &Path, port: u16, extra: &str) -> Result<Child> {
         let conf = dir.join("mosquitto.conf");
+        // Started as root, mosquitto drops to the `mosquitto` user, which cannot read the test's
+        // private directory (persistence, keys): keep the current user.
+        let user =
+            Command::new("id").arg("-un").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+                "user {}\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
                  max_inflight_messages 0\nmax_queued_messages 10000000\nmax_queued_bytes 0\n\
                  log_dest file {}/mosquitto.log\n{extra}\n",
+                user.filter(|u| !u.is_empty()).unwrap_or_else(|| "root".into()),
                 dir.display(),
                 dir.display()
             ),

@@ -1,0 +1,793 @@
+//! The agent's configuration: the TOML file ([`Config`]) and its validated form ([`Settings`]).
+//!
+//! `Config` mirrors the file one to one (`deny_unknown_fields`, named defaults, see
+//! `default.toml` for every key with its documentation). [`Config::validate`] turns it into
+//! `Settings` with real types, reading secret and certificate files, and fails with an
+//! [`Invalid`] naming the key and the problem. Secrets never appear in `Debug` output.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration as StdDuration;
+
+use edgeflow_contract::Limits;
+use edgeflow_runtime::config::{ByteSize, Duration, Invalid, Secret, read_secret_file, resolve_credential_path};
+use serde::Deserialize;
+
+use crate::buffer::WhenFull;
+use crate::ingest::Rules;
+
+/// The commented default configuration (what `edgeflow-agent default-config` prints): the
+/// agent's own keys, then the `[bootstrap]` section from `edgeflow-nodeadm`.
+pub static DEFAULT_CONFIG: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{}\n{}", include_str!("default.toml"), edgeflow_nodeadm::DEFAULT_CONFIG));
+
+/// The configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identity of this node in `(node_id, seq)`. Default: the host name.
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// Directory of the buffer and state.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Longest graceful stop.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Duration,
+    /// MQTT source.
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    /// Kafka destination.
+    pub kafka: KafkaConfig,
+    /// The durable buffer.
+    #[serde(default)]
+    pub buffer: BufferConfig,
+    /// Validation of payloads.
+    #[serde(default)]
+    pub records: RecordsConfig,
+    /// Status endpoint and node sampling.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// EKS Hybrid Nodes registration through nodeadm (off by default).
+    #[serde(default)]
+    pub bootstrap: edgeflow_nodeadm::BootstrapConfig,
+}
+
+/// `[mqtt]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// MQTT protocol version: "5" (default) or "3.1.1".
+    #[serde(default = "default_protocol")]
+    pub protocol: crate::ingest::Protocol,
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    #[serde(default = "default_mqtt_url")]
+    pub url: String,
+    /// Topic filters, subscribed with QoS 1.
+    #[serde(default = "default_topics")]
+    pub topics: Vec<String>,
+    /// Client id of the persistent session. Default `edgeflow-agent-<node_id>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Username for the broker.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// CA bundle (PEM) for `mqtts://`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// MQTT keep-alive interval.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: Duration,
+    /// How long the broker keeps the session while we are away.
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry: Duration,
+    /// MQTT 5 Receive Maximum.
+    #[serde(default = "default_receive_maximum")]
+    pub receive_maximum: u32,
+    /// Largest packet accepted.
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: ByteSize,
+    /// Connection attempt timeout.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Duration,
+    /// Longest wait between reconnection attempts.
+    #[serde(default = "default_reconnect_backoff_max")]
+    pub reconnect_backoff_max: Duration,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        parse_section()
+    }
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated.
+    pub brokers: String,
+    /// Topic for accepted records.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Topic for dead letters.
+    #[serde(default = "default_dlq_topic")]
+    pub dlq_topic: String,
+    /// Most entries awaiting Kafka's acknowledgement.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+    /// librdkafka settings passed through.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// librdkafka settings read from files (secrets).
+    #[serde(default)]
+    pub property_files: BTreeMap<String, PathBuf>,
+}
+
+/// `[buffer]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    /// Quota on buffered bytes.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Policy when the quota is reached.
+    #[serde(default = "default_when_full")]
+    pub when_full: WhenFull,
+    /// Records remembered for redelivery detection.
+    #[serde(default = "default_dedup_horizon")]
+    pub dedup_horizon: u64,
+    /// Most messages per commit.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: u32,
+    /// redb page cache.
+    #[serde(default = "default_cache_size")]
+    pub cache_size: ByteSize,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        parse_section()
+    }
+}
+
+/// `[records]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordsConfig {
+    /// Largest accepted payload.
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: ByteSize,
+    /// Oldest accepted event time, relative to now (0 disables).
+    #[serde(default = "default_max_past")]
+    pub max_past: Duration,
+    /// Furthest accepted event time into the future (0 disables).
+    #[serde(default = "default_max_future")]
+    pub max_future: Duration,
+}
+
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        parse_section()
+    }
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the status endpoint.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Node sampling period.
+    #[serde(default = "default_saturation_interval")]
+    pub saturation_interval: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        parse_section()
+    }
+}
+
+/// Every field at its default: an empty TOML document.
+fn parse_section<T: for<'de> Deserialize<'de>>() -> T {
+    // Every field of these sections has a serde default, so an empty table cannot fail.
+    edgeflow_runtime::config::parse::<T>("").expect("an empty section deserialises to its defaults")
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/edgeflow")
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_protocol() -> crate::ingest::Protocol {
+    crate::ingest::Protocol::V5
+}
+fn default_mqtt_url() -> String {
+    "mqtt://127.0.0.1:1883".into()
+}
+fn default_topics() -> Vec<String> {
+    vec!["devices/+/telemetry".into()]
+}
+fn default_keep_alive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_session_expiry() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+fn default_receive_maximum() -> u32 {
+    8192
+}
+fn default_max_packet_size() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_reconnect_backoff_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_topic() -> String {
+    edgeflow_contract::topics::RAW.into()
+}
+fn default_dlq_topic() -> String {
+    edgeflow_contract::topics::DEAD_LETTER.into()
+}
+fn default_max_in_flight() -> u32 {
+    20_000
+}
+fn default_max_bytes() -> ByteSize {
+    ByteSize::gib(1)
+}
+fn default_when_full() -> WhenFull {
+    WhenFull::Block
+}
+fn default_dedup_horizon() -> u64 {
+    32_768
+}
+fn default_max_batch() -> u32 {
+    8192
+}
+fn default_cache_size() -> ByteSize {
+    ByteSize::mib(4)
+}
+fn default_max_payload_bytes() -> ByteSize {
+    ByteSize::kib(16)
+}
+fn default_max_past() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+fn default_max_future() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_listen() -> String {
+    "0.0.0.0:9464".into()
+}
+fn default_saturation_interval() -> Duration {
+    Duration::from_secs(15)
+}
+
+/// TLS material for `mqtts://`.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub ca_pem: Vec<u8>,
+    pub client_cert_pem: Option<Vec<u8>>,
+    pub client_key_pem: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("ca_pem_bytes", &self.ca_pem.len())
+            .field("client_cert", &self.client_cert_pem.is_some())
+            .field("client_key", &self.client_key_pem.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+impl TlsSettings {
+    /// rumqttc's TLS configuration.
+    pub fn to_rumqttc(&self) -> rumqttc::TlsConfiguration {
+        let client_auth = match (&self.client_cert_pem, &self.client_key_pem) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            _ => None,
+        };
+        rumqttc::TlsConfiguration::Simple { ca: self.ca_pem.clone(), alpn: None, client_auth }
+    }
+}
+
+/// Validated MQTT settings.
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    pub protocol: crate::ingest::Protocol,
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<rumqttc::TlsConfiguration>,
+    pub tls_files: Option<TlsSettings>,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub topics: Vec<String>,
+    pub keep_alive: StdDuration,
+    pub session_expiry_secs: u32,
+    pub receive_maximum: u16,
+    pub max_packet_size: u32,
+    pub connect_timeout_secs: u64,
+    pub reconnect_max: StdDuration,
+}
+
+/// librdkafka properties; values of secret-looking keys are masked in `Debug`.
+#[derive(Clone, Default)]
+pub struct KafkaProperties(pub BTreeMap<String, Secret>);
+
+impl fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut m = f.debug_map();
+        for (k, v) in &self.0 {
+            if is_secret_property(k) {
+                m.entry(k, &"***");
+            } else {
+                m.entry(k, &v.expose());
+            }
+        }
+        m.finish()
+    }
+}
+
+/// Whether a librdkafka property holds a secret.
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "key.pem", "keystore", "jaas", "oauthbearer.config", "token"].iter().any(|s| k.contains(s))
+}
+
+/// Validated Kafka settings.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub topic: String,
+    pub dlq_topic: String,
+    pub max_in_flight: usize,
+    pub properties: KafkaProperties,
+}
+
+/// Validated buffer settings.
+#[derive(Debug, Clone)]
+pub struct BufferSettings {
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    pub dedup_horizon: u64,
+    pub max_batch: usize,
+    pub cache_bytes: usize,
+}
+
+/// Validated status endpoint settings.
+#[derive(Debug, Clone)]
+pub struct MetricsSettings {
+    pub listen: SocketAddr,
+    pub saturation_interval: StdDuration,
+}
+
+/// The agent's validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub shutdown_timeout: StdDuration,
+    pub mqtt: MqttSettings,
+    pub kafka: KafkaSettings,
+    pub buffer: BufferSettings,
+    pub rules: Rules,
+    pub metrics: MetricsSettings,
+    /// The EKS Hybrid Nodes bootstrap; `None` when disabled.
+    pub bootstrap: Option<edgeflow_nodeadm::BootstrapSettings>,
+}
+
+/// librdkafka properties the agent sets itself because delivery depends on them, with the
+/// values an operator may write without changing meaning.
+const PINNED_PROPERTIES: &[(&str, &[&str])] = &[
+    ("bootstrap.servers", &[]),
+    ("enable.idempotence", &["true"]),
+    ("acks", &["all", "-1"]),
+    ("request.required.acks", &["all", "-1"]),
+    ("enable.gapless.guarantee", &["true"]),
+];
+
+impl Config {
+    /// Parses a configuration file.
+    pub fn load(path: &Path) -> Result<Self, edgeflow_runtime::config::LoadError> {
+        edgeflow_runtime::config::load(path)
+    }
+
+    /// Checks every value and builds the settings. Reads secret and certificate files.
+    pub fn validate(&self) -> Result<Settings, Invalid> {
+        let node_id = match &self.node_id {
+            Some(id) => id.clone(),
+            None => sysinfo::System::host_name().map_err(|e| {
+                Invalid::new("node_id", format!("not set and the host name is unavailable ({e}); set it"))
+            })?,
+        };
+        if node_id.is_empty()
+            || node_id.len() > 128
+            || !node_id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(Invalid::new(
+                "node_id",
+                format!("`{node_id}` must be 1..=128 of letters, digits, '.', '_', '-'"),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(Invalid::new("data_dir", "must not be empty"));
+        }
+        let records = self.validate_records()?;
+        Ok(Settings {
+            mqtt: self.validate_mqtt(&node_id, records.limits.max_payload_bytes)?,
+            kafka: self.validate_kafka()?,
+            buffer: self.validate_buffer(&records)?,
+            metrics: MetricsSettings {
+                listen: self.metrics.listen.parse().map_err(|e| {
+                    Invalid::new(
+                        "metrics.listen",
+                        format!("`{}` is not an address like 0.0.0.0:9464: {e}", self.metrics.listen),
+                    )
+                })?,
+                saturation_interval: at_least("metrics.saturation_interval", self.metrics.saturation_interval, 1)?,
+            },
+            rules: records,
+            bootstrap: self.bootstrap.validate()?,
+            shutdown_timeout: at_least("shutdown_timeout", self.shutdown_timeout, 1)?,
+            data_dir: self.data_dir.clone(),
+            node_id,
+        })
+    }
+
+    fn validate_records(&self) -> Result<Rules, Invalid> {
+        let r = &self.records;
+        let max_payload = r.max_payload_bytes.bytes();
+        if !(64..=16 * 1024 * 1024).contains(&max_payload) {
+            return Err(Invalid::new("records.max_payload_bytes", "must be between 64B and 16MiB"));
+        }
+        let ms = |d: Duration| (!d.get().is_zero()).then(|| d.get().as_millis().min(i64::MAX as u128) as i64);
+        Ok(Rules {
+            limits: Limits { max_payload_bytes: max_payload as usize, ..Limits::default() },
+            max_past_ms: ms(r.max_past),
+            max_future_ms: ms(r.max_future),
+        })
+    }
+
+    fn validate_mqtt(&self, node_id: &str, max_payload: usize) -> Result<MqttSettings, Invalid> {
+        let m = &self.mqtt;
+        let url = url::Url::parse(&m.url)
+            .map_err(|e| Invalid::new("mqtt.url", format!("`{}` is not a URL like mqtt://host:1883: {e}", m.url)))?;
+        let (tls, default_port) = match url.scheme() {
+            "mqtt" | "tcp" => (false, 1883),
+            "mqtts" | "ssl" => (true, 8883),
+            other => return Err(Invalid::new("mqtt.url", format!("scheme `{other}` is not mqtt:// or mqtts://"))),
+        };
+        let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| Invalid::new("mqtt.url", "has no host"))?;
+        if !matches!(url.path(), "" | "/") || url.query().is_some() {
+            return Err(Invalid::new("mqtt.url", "must not have a path or query"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(Invalid::new(
+                "mqtt.url",
+                "must not carry credentials; use mqtt.username and mqtt.password_file",
+            ));
+        }
+        if m.topics.is_empty() {
+            return Err(Invalid::new("mqtt.topics", "must list at least one topic filter"));
+        }
+        for t in &m.topics {
+            validate_topic_filter(t).map_err(|p| Invalid::new("mqtt.topics", format!("`{t}`: {p}")))?;
+        }
+        let client_id = m.client_id.clone().unwrap_or_else(|| format!("edgeflow-agent-{node_id}"));
+        if client_id.is_empty() || client_id.len() > 256 {
+            return Err(Invalid::new("mqtt.client_id", "must be 1..=256 bytes"));
+        }
+        let password = m.password_file.as_deref().map(|p| read_secret_file("mqtt.password_file", p)).transpose()?;
+        if password.is_some() && m.username.is_none() {
+            return Err(Invalid::new("mqtt.password_file", "is set but mqtt.username is not"));
+        }
+        let tls_files = if tls {
+            let ca_path = m.ca_file.clone().unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"));
+            let ca_pem = read_pem("mqtt.ca_file", &ca_path)?;
+            let (client_cert_pem, client_key_pem) = match (&m.client_cert_file, &m.client_key_file) {
+                (Some(c), Some(k)) => {
+                    (Some(read_pem("mqtt.client_cert_file", c)?), Some(read_pem("mqtt.client_key_file", k)?))
+                }
+                (None, None) => (None, None),
+                (Some(_), None) => {
+                    return Err(Invalid::new("mqtt.client_key_file", "is required with mqtt.client_cert_file"));
+                }
+                (None, Some(_)) => {
+                    return Err(Invalid::new("mqtt.client_cert_file", "is required with mqtt.client_key_file"));
+                }
+            };
+            Some(TlsSettings { ca_pem, client_cert_pem, client_key_pem })
+        } else {
+            for (field, set) in [
+                ("mqtt.ca_file", m.ca_file.is_some()),
+                ("mqtt.client_cert_file", m.client_cert_file.is_some()),
+                ("mqtt.client_key_file", m.client_key_file.is_some()),
+            ] {
+                if set {
+                    return Err(Invalid::new(field, "only applies to mqtts:// URLs"));
+                }
+            }
+            None
+        };
+        let receive_maximum = u16::try_from(m.receive_maximum)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| Invalid::new("mqtt.receive_maximum", "must be 1..=65535"))?;
+        let max_packet = m.max_packet_size.bytes();
+        if max_packet < max_payload as u64 + 1024 || max_packet > 256 * 1024 * 1024 {
+            return Err(Invalid::new(
+                "mqtt.max_packet_size",
+                "must be at least records.max_payload_bytes + 1KiB (room for the topic) and at most 256MiB",
+            ));
+        }
+        let keep_alive = at_least("mqtt.keep_alive", m.keep_alive, 5)?;
+        if keep_alive.as_secs() > u64::from(u16::MAX) {
+            return Err(Invalid::new("mqtt.keep_alive", "must be at most 65535s"));
+        }
+        let session_expiry_secs = u32::try_from(m.session_expiry.get().as_secs())
+            .map_err(|_| Invalid::new("mqtt.session_expiry", "must be below 136 years"))?;
+        Ok(MqttSettings {
+            protocol: m.protocol,
+            host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            port: url.port().unwrap_or(default_port),
+            tls: tls_files.as_ref().map(TlsSettings::to_rumqttc),
+            tls_files,
+            client_id,
+            username: m.username.clone(),
+            password,
+            topics: m.topics.clone(),
+            keep_alive,
+            session_expiry_secs,
+            receive_maximum,
+            max_packet_size: max_packet as u32,
+            connect_timeout_secs: at_least("mqtt.connect_timeout", m.connect_timeout, 1)?.as_secs(),
+            reconnect_max: at_least("mqtt.reconnect_backoff_max", m.reconnect_backoff_max, 1)?,
+        })
+    }
+
+    fn validate_kafka(&self) -> Result<KafkaSettings, Invalid> {
+        let k = &self.kafka;
+        if k.brokers.split(',').all(|b| b.trim().is_empty()) {
+            return Err(Invalid::new("kafka.brokers", "must list at least one host:port"));
+        }
+        for b in k.brokers.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+            let port_ok = b.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !port_ok {
+                return Err(Invalid::new("kafka.brokers", format!("`{b}` is not host:port")));
+            }
+        }
+        validate_kafka_topic("kafka.topic", &k.topic)?;
+        validate_kafka_topic("kafka.dlq_topic", &k.dlq_topic)?;
+        if k.topic == k.dlq_topic {
+            return Err(Invalid::new("kafka.dlq_topic", "must differ from kafka.topic"));
+        }
+        if !(1..=1_000_000).contains(&k.max_in_flight) {
+            return Err(Invalid::new("kafka.max_in_flight", "must be 1..=1000000"));
+        }
+        let mut properties = BTreeMap::new();
+        for (key, value) in &k.properties {
+            properties.insert(key.clone(), Secret::new(value.clone()));
+        }
+        for (key, path) in &k.property_files {
+            if properties.contains_key(key) {
+                return Err(Invalid::new(format!("kafka.property_files.{key}"), "is also set in kafka.properties"));
+            }
+            let value = read_secret_file(&format!("kafka.property_files.{key}"), path)?;
+            properties.insert(key.clone(), value);
+        }
+        for (key, allowed) in PINNED_PROPERTIES {
+            if let Some(v) = properties.get(*key)
+                && !allowed.contains(&v.expose().to_ascii_lowercase().as_str())
+            {
+                let why = if allowed.is_empty() {
+                    "is set from kafka.brokers".to_owned()
+                } else {
+                    format!("must be {} (the agent's delivery guarantee depends on it)", allowed[0])
+                };
+                return Err(Invalid::new(format!("kafka.properties.{key}"), why));
+            }
+        }
+        if properties.get("partitioner").is_some_and(|v| v.expose() == "random") {
+            return Err(Invalid::new(
+                "kafka.properties.partitioner",
+                "must be deterministic for a key (murmur2_random, consistent_random, ...): the aggregator relies on a device's records staying in one partition",
+            ));
+        }
+        Ok(KafkaSettings {
+            brokers: k.brokers.clone(),
+            topic: k.topic.clone(),
+            dlq_topic: k.dlq_topic.clone(),
+            max_in_flight: k.max_in_flight as usize,
+            properties: KafkaProperties(properties),
+        })
+    }
+
+    fn validate_buffer(&self, rules: &Rules) -> Result<BufferSettings, Invalid> {
+        let b = &self.buffer;
+        let min = (1024 * 1024).max(64 * rules.limits.max_payload_bytes as u64);
+        if b.max_bytes.bytes() < min {
+            return Err(Invalid::new(
+                "buffer.max_bytes",
+                format!("must be at least {} (1MiB and 64 times records.max_payload_bytes)", ByteSize(min)),
+            ));
+        }
+        if !(1..=65_535).contains(&b.max_batch) {
+            return Err(Invalid::new("buffer.max_batch", "must be 1..=65535"));
+        }
+        let floor = u64::from(self.mqtt.receive_maximum).max(u64::from(b.max_batch));
+        if b.dedup_horizon < floor {
+            return Err(Invalid::new(
+                "buffer.dedup_horizon",
+                format!(
+                    "must be at least {floor} (mqtt.receive_maximum and buffer.max_batch), or redeliveries could go unrecognised"
+                ),
+            ));
+        }
+        if b.cache_size.bytes() < 1024 * 1024 {
+            return Err(Invalid::new("buffer.cache_size", "must be at least 1MiB"));
+        }
+        Ok(BufferSettings {
+            max_bytes: b.max_bytes.bytes(),
+            when_full: b.when_full,
+            dedup_horizon: b.dedup_horizon,
+            max_batch: b.max_batch as usize,
+            cache_bytes: b.cache_size.bytes() as usize,
+        })
+    }
+}
+
+fn at_least(field: &str, d: Duration, secs: u64) -> Result<StdDuration, Invalid> {
+    if d.get() < StdDuration::from_secs(secs) {
+        return Err(Invalid::new(field, format!("must be at least {secs}s")));
+    }
+    Ok(d.get())
+}
+
+fn read_pem(field: &str, path: &Path) -> Result<Vec<u8>, Invalid> {
+    let resolved = resolve_credential_path(path);
+    let bytes = std::fs::read(&resolved)
+        .map_err(|e| Invalid::new(field, format!("cannot read {}: {e}", resolved.display())))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(Invalid::new(field, format!("{} is not a PEM file", resolved.display())));
+    }
+    Ok(bytes)
+}
+
+/// MQTT topic filter rules: non-empty, `#` only as the whole last level, `+` only as a whole level.
+fn validate_topic_filter(filter: &str) -> Result<(), &'static str> {
+    if filter.is_empty() || filter.len() > 65_535 {
+        return Err("must be 1..=65535 bytes");
+    }
+    if filter.contains('\0') {
+        return Err("must not contain NUL");
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        if level.contains('#') && (*level != "#" || i + 1 != levels.len()) {
+            return Err("`#` must be the whole last level");
+        }
+        if level.contains('+') && *level != "+" {
+            return Err("`+` must be a whole level");
+        }
+    }
+    Ok(())
+}
+
+fn validate_kafka_topic(field: &str, topic: &str) -> Result<(), Invalid> {
+    let ok = !topic.is_empty()
+        && topic.len() <= 249
+        && topic != "."
+        && topic != ".."
+        && topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok { Ok(()) } else { Err(Invalid::new(field, format!("`{topic}` is not a valid Kafka topic name"))) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        edgeflow_runtime::config::parse(text)
+    }
+
+    fn invalid(text: &str) -> Invalid {
+        parse(text).expect("parses").validate().expect_err("invalid")
+    }
+
+    #[test]
+    fn default_config_is_valid_and_matches_serde_defaults() {
+        let text = DEFAULT_CONFIG.replace("# node_id = \"pve-node-1\"", "node_id = \"pve-node-1\"");
+        let c = parse(&text).expect("default config parses");
+        let s = c.validate().expect("default config validates");
+        assert_eq!(s.node_id, "pve-node-1");
+        assert_eq!(s.mqtt.client_id, "edgeflow-agent-pve-node-1");
+        assert_eq!((s.mqtt.host.as_str(), s.mqtt.port), ("127.0.0.1", 1883));
+        assert_eq!(s.kafka.topic, "raw-data");
+        assert_eq!(s.buffer.when_full, WhenFull::Block);
+        assert_eq!(s.buffer.max_bytes, 1 << 30);
+        // The file documents the defaults: a config with only the required keys is the same.
+        let minimal = parse("node_id = \"pve-node-1\"\n[kafka]\nbrokers = \"127.0.0.1:9092\"").expect("parses");
+        assert_eq!(format!("{:?}", minimal.validate().expect("valid")), format!("{s:?}"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let base = "node_id = \"n\"\n[kafka]\nbrokers = \"k:9092\"\n";
+        let cases = [
+            (format!("{base}[mqtt]\nurl = \"http://x\""), "mqtt.url"),
+            (format!("{base}[mqtt]\nurl = \"mqtt://\""), "mqtt.url"),
+            (format!("{base}[mqtt]\ntopics = [\"a/#/b\"]"), "mqtt.topics"),
+            (format!("{base}[mqtt]\nreceive_maximum = 70000"), "mqtt.receive_maximum"),
+            (format!("{base}[buffer]\nmax_bytes = \"10KiB\""), "buffer.max_bytes"),
+            (format!("{base}[buffer]\ndedup_horizon = 10"), "buffer.dedup_horizon"),
+            (format!("{base}[metrics]\nlisten = \"nowhere\""), "metrics.listen"),
+            (
+                format!("{base}[kafka.properties]\n\"enable.idempotence\" = \"false\""),
+                "kafka.properties.enable.idempotence",
+            ),
+            (format!("{base}[kafka.properties]\nacks = \"1\""), "kafka.properties.acks"),
+            (format!("{base}[kafka.properties]\npartitioner = \"random\""), "kafka.properties.partitioner"),
+            ("node_id = \"bad id\"\n[kafka]\nbrokers = \"k:9092\"".to_owned(), "node_id"),
+            ("node_id = \"n\"\n[kafka]\nbrokers = \"nope\"".to_owned(), "kafka.brokers"),
+            (format!("{base}[mqtt]\npassword_file = \"/nonexistent/pw\"\nusername = \"u\""), "mqtt.password_file"),
+            (format!("{base}[mqtt]\nurl = \"mqtts://h\"\nca_file = \"/nonexistent/ca.pem\""), "mqtt.ca_file"),
+            (format!("{base}[mqtt]\nca_file = \"/etc/hosts\""), "mqtt.ca_file"),
+        ];
+        for (text, field) in cases {
+            assert_eq!(invalid(&text).field, field, "{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_parse_errors() {
+        let err = parse("node_id = \"n\"\n[kafka]\nbrokers = \"k:9092\"\nbrokerz = 1").expect_err("unknown key");
+        assert!(err.contains("brokerz"), "{err}");
+        let err = parse("[kafka]\nbrokers = \"k:9092\"\n[buffer]\nwhen_full = \"explode\"").expect_err("bad enum");
+        assert!(err.contains("explode"), "{err}");
+        let err = parse("[kafka]\nbrokers = \"k:9092\"\n[buffer]\nmax_bytes = \"many\"").expect_err("bad size");
+        assert!(err.contains("many"), "{err}");
+        let err = parse("node_id = \"n\"").expect_err("kafka is required");
+        assert!(err.contains("kafka"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("pw"), "mqtt-hunter2\n").expect("write");
+        std::fs::write(dir.path().join("kpw"), "kafka-hunter2").expect("write");
+        let text = format!(
+            "node_id = \"n\"\n[mqtt]\nusername = \"u\"\npassword_file = \"{}\"\n[kafka]\nbrokers = \"k:9092\"\n\
+             [kafka.properties]\n\"sasl.password\" = \"inline-hunter2\"\n\"sasl.username\" = \"alice\"\n\
+             [kafka.property_files]\n\"ssl.key.password\" = \"{}\"\n",
+            dir.path().join("pw").display(),
+            dir.path().join("kpw").display()
+        );
+        let s = parse(&text).expect("parses").validate().expect("valid");
+        assert_eq!(s.mqtt.password.as_ref().map(Secret::expose), Some("mqtt-hunter2"));
+        let shown = format!("{s:?} {:?}", parse(&text).expect("parses"));
+        for secret in ["mqtt-hunter2", "kafka-hunter2", "inline-hunter2"] {
+            // The raw Config shows file paths, never file contents; Settings masks values.
+            assert!(!format!("{s:?}").contains(secret), "{secret} leaked");
+        }
+        assert!(shown.contains("alice"));
+    }
+}

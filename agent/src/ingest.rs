@@ -1,0 +1,359 @@
+//! Stage `ingest`: MQTT (QoS 1, persistent session, manual acks) into the buffer.
+//!
+//! # Acknowledgements and connection epochs
+//!
+//! Every PUBLISH becomes an [`Append`] sent to the buffer thread together with an [`AckToken`]
+//! (packet id, QoS, connection epoch). The PUBACK is sent by [`Acker::ack`] after the group
+//! commit that holds the message — never before.
+//!
+//! Packet ids are per connection: after a reconnect the broker redelivers unacknowledged
+//! messages under the same ids and then reuses ids for new messages. An acknowledgement for a
+//! message received on an earlier connection must therefore never be sent on a later one, or it
+//! could acknowledge a different, uncommitted message. Each connection gets an *epoch*; the
+//! acker sends only tokens of the current epoch, under a lock the poller also takes when it
+//! moves to a new epoch, and the poller then purges any acknowledgement that slipped into
+//! rumqttc's request queue (`EventLoop::clean`). Tokens of old epochs are dropped: their
+//! messages are committed, the broker redelivers them, and the buffer recognises the
+//! redelivery.
+//!
+//! The poller is never cancelled mid-`poll` (that could cut an outgoing packet in half);
+//! shutdown stops accepting new messages, waits for the buffer to commit what it has, lets the
+//! acknowledgements go out, then sends DISCONNECT through the same queue.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub mod client;
+
+use edgeflow_contract::{Limits, RawRecord, Reading, TimeBounds};
+use edgeflow_runtime::CancellationToken;
+use xxhash_rust::xxh3::xxh3_64;
+
+use client::{Client, Event, EventLoop};
+pub use client::{Protocol, Qos};
+
+use crate::buffer::{Append, Command, DeadLetterDraft, Outcome};
+use crate::config::MqttSettings;
+use crate::metrics::Metrics;
+
+/// Identifies an MQTT message to acknowledge once committed.
+#[derive(Debug, Clone, Copy)]
+pub struct AckToken {
+    pub pkid: u16,
+    pub qos: Qos,
+    pub epoch: u64,
+}
+
+/// Validation rules applied to each payload.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub limits: Limits,
+    pub max_past_ms: Option<i64>,
+    pub max_future_ms: Option<i64>,
+}
+
+/// Turns one MQTT message into a buffer append: a record if valid, a dead letter otherwise.
+/// Pure: the caller passes the time of receipt.
+pub fn classify(topic: &str, payload: &[u8], dup: bool, received_ms: i64, node_id: &str, rules: &Rules) -> Append {
+    let bounds = TimeBounds { now_ms: received_ms, max_past_ms: rules.max_past_ms, max_future_ms: rules.max_future_ms };
+    let payload_hash = xxh3_64(payload);
+    match Reading::parse(payload, &rules.limits, &bounds) {
+        Ok(reading) => {
+            let mut natural = Vec::with_capacity(reading.device_id.len() + reading.timestamp.len() + 1);
+            natural.extend_from_slice(reading.device_id.as_bytes());
+            natural.push(0);
+            natural.extend_from_slice(reading.timestamp.as_bytes());
+            let mut json = Vec::with_capacity(payload.len() + node_id.len() + 48);
+            RawRecord::write_json_until_seq(&reading, node_id, &mut json);
+            Append::Record {
+                natural_hash: xxh3_64(&natural),
+                payload_hash,
+                device_id: reading.device_id.as_bytes().to_vec(),
+                json_until_seq: json,
+                received_ms,
+            }
+        }
+        Err(rejection) => {
+            let keep = payload.len().min(rules.limits.max_payload_bytes);
+            // Domain-separated from record keys: a dead letter's identity is its topic and bytes.
+            let mut natural = Vec::with_capacity(topic.len() + 10);
+            natural.extend_from_slice(b"\xffdlq\0");
+            natural.extend_from_slice(topic.as_bytes());
+            natural.extend_from_slice(&payload_hash.to_le_bytes());
+            Append::DeadLetter {
+                natural_hash: xxh3_64(&natural),
+                payload_hash,
+                check_duplicate: dup,
+                draft: DeadLetterDraft {
+                    reason: rejection.reason.as_str().to_owned(),
+                    detail: rejection.detail,
+                    source: topic.to_owned(),
+                    payload: payload[..keep].to_vec(),
+                    payload_size: payload.len() as u64,
+                    truncated: keep < payload.len(),
+                },
+                received_ms,
+            }
+        }
+    }
+}
+
+/// MQTT connection state, shared with the status endpoint.
+#[derive(Debug, Default)]
+pub struct IngestStatus {
+    pub connected: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl IngestStatus {
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = e;
+    }
+}
+
+/// Sends PUBACKs for committed messages of the current connection epoch.
+#[derive(Clone)]
+pub struct Acker {
+    client: Client,
+    epoch: Arc<Mutex<u64>>,
+}
+
+impl std::fmt::Debug for Acker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acker").finish_non_exhaustive()
+    }
+}
+
+impl Acker {
+    /// Acknowledges committed messages (called on the buffer thread after each commit).
+    pub fn ack(&self, committed: Vec<(AckToken, Outcome)>) {
+        let epoch = self.epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (token, _) in committed {
+            if token.epoch != *epoch || token.qos == Qos::AtMostOnce {
+                continue;
+            }
+            if let Err(error) = self.client.try_ack(token.pkid, token.qos) {
+                // Only if the client is shutting down; the broker will redeliver.
+                tracing::debug!(%error, pkid = token.pkid, "could not queue a PUBACK");
+            }
+        }
+    }
+}
+
+/// A configured MQTT session, not yet running.
+pub struct Session {
+    client: Client,
+    eventloop: EventLoop,
+    epoch: Arc<Mutex<u64>>,
+    topics: Vec<String>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("topics", &self.topics).finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Builds the client. No connection is attempted until [`run`] polls it.
+    pub fn new(settings: &MqttSettings) -> Self {
+        let (client, eventloop) = client::new(settings);
+        Session { client, eventloop, epoch: Arc::new(Mutex::new(0)), topics: settings.topics.clone() }
+    }
+
+    /// The acknowledger for the buffer thread.
+    pub fn acker(&self) -> Acker {
+        Acker { client: self.client.clone(), epoch: self.epoch.clone() }
+    }
+}
+
+/// Everything [`run`] needs besides the session.
+#[derive(Debug)]
+pub struct Ingest {
+    pub node_id: String,
+    pub rules: Rules,
+    pub buffer: flume::Sender<Command<AckToken>>,
+    pub metrics: Metrics,
+    pub status: Arc<IngestStatus>,
+    pub reconnect_max: Duration,
+}
+
+/// Polls the MQTT session until `shutdown`, then drains and disconnects (within `drain_timeout`).
+pub async fn run(session: Session, ingest: Ingest, shutdown: CancellationToken, drain_timeout: Duration) {
+    let Session { client, mut eventloop, epoch, topics } = session;
+    let accepting = Arc::new(AtomicBool::new(true));
+    let finished = CancellationToken::new();
+
+    // On shutdown: stop accepting, wait until the buffer has committed (and so acknowledged)
+    // everything accepted, then disconnect through the request queue, behind the PUBACKs.
+    let drainer = {
+        let (accepting, client, buffer, finished) =
+            (accepting.clone(), client.clone(), ingest.buffer.clone(), finished.clone());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            accepting.store(false, Ordering::SeqCst);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if buffer.send_async(Command::Barrier(tx)).await.is_ok() {
+                let _ = tokio::time::timeout(drain_timeout, rx).await;
+            }
+            let _ = client.try_disconnect();
+            // If the broker is unreachable, the poller would never see the DISCONNECT go out.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            finished.cancel();
+        })
+    };
+
+    let mut backoff = Duration::from_millis(200);
+    let mut current_epoch = 0u64;
+    let mut ever_connected = false;
+    loop {
+        let event = tokio::select! {
+            // Only after the drain: the DISCONNECT is then out or the broker is gone.
+            _ = finished.cancelled() => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Publish { topic, payload, pkid, qos, dup }) => {
+                ingest.metrics.mqtt_messages_received.inc();
+                if !accepting.load(Ordering::SeqCst) {
+                    // Not acknowledged: the broker redelivers it after restart.
+                    continue;
+                }
+                let received_ms = crate::buffer::now_ms();
+                let topic = String::from_utf8_lossy(&topic);
+                let append = classify(&topic, &payload, dup, received_ms, &ingest.node_id, &ingest.rules);
+                if let Append::DeadLetter { draft, .. } = &append {
+                    ingest.metrics.rejected(&draft.reason);
+                }
+                let token = AckToken { pkid, qos, epoch: current_epoch };
+                if ingest.buffer.send_async(Command::Append(append, token)).await.is_err() {
+                    tracing::warn!("buffer thread is gone; stopping ingest");
+                    break;
+                }
+            }
+            Ok(Event::ConnAck { accepted, code, session_present }) => {
+                if !accepted {
+                    tracing::error!(code, "MQTT broker refused the connection; check credentials and client id");
+                    continue;
+                }
+                backoff = Duration::from_millis(200);
+                ingest.status.connected.store(true, Ordering::Relaxed);
+                ingest.status.set_error(None);
+                ingest.metrics.mqtt_connected.set(1);
+                if ever_connected && !session_present {
+                    tracing::warn!(
+                        "MQTT broker did not keep our session; messages queued for us while disconnected may be lost at the broker (check its persistence and session expiry)"
+                    );
+                } else {
+                    tracing::info!(session_present, "connected to the MQTT broker");
+                }
+                ever_connected = true;
+                if let Err(error) = client.try_subscribe(&topics) {
+                    tracing::error!(%error, "could not queue the subscription");
+                }
+            }
+            Ok(Event::SubAck) => tracing::debug!("subscribed"),
+            Ok(Event::BrokerDisconnect(reason)) => tracing::warn!(reason, "MQTT broker sent DISCONNECT"),
+            Ok(Event::Disconnected) => {
+                tracing::info!("disconnected from the MQTT broker");
+                break;
+            }
+            Ok(Event::Other) => {}
+            Err(error) => {
+                // rumqttc has already dropped the connection. Move to a new epoch and purge any
+                // acknowledgement of the old connection still queued.
+                {
+                    let mut e = epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    *e += 1;
+                    current_epoch = *e;
+                    eventloop.clean();
+                }
+                let was_connected = ingest.status.connected.swap(false, Ordering::Relaxed);
+                ingest.metrics.mqtt_connected.set(0);
+                ingest.metrics.mqtt_connection_errors.inc();
+                ingest.status.set_error(Some(error.to_string()));
+                if !accepting.load(Ordering::SeqCst) {
+                    break;
+                }
+                if was_connected {
+                    tracing::warn!(%error, "lost the MQTT connection; reconnecting");
+                } else {
+                    tracing::warn!(%error, retry_in = ?backoff, "cannot connect to the MQTT broker");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = finished.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(ingest.reconnect_max);
+            }
+        }
+    }
+    ingest.status.connected.store(false, Ordering::Relaxed);
+    ingest.metrics.mqtt_connected.set(0);
+    drainer.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Rules {
+        Rules { limits: Limits::default(), max_past_ms: Some(86_400_000), max_future_ms: Some(60_000) }
+    }
+
+    const NOW: i64 = 1_735_207_200_000;
+
+    #[test]
+    fn valid_payload_becomes_a_record_keyed_by_device() {
+        let payload = br#"{"device_id": "device123", "timestamp": "2024-12-26T10:00:00Z", "temperature": 72.5, "humidity": 55.2, "status": "OK"}"#;
+        let a = classify("devices/device123/telemetry", payload, false, NOW, "pve-1", &rules());
+        let Append::Record { device_id, json_until_seq, natural_hash, received_ms, .. } = a else {
+            panic!("expected a record")
+        };
+        assert_eq!(device_id, b"device123");
+        assert_eq!(received_ms, NOW);
+        let mut json = json_until_seq;
+        RawRecord::finish_json(9, &mut json);
+        let r = RawRecord::parse(&json, &Limits::default()).expect("valid raw record");
+        assert_eq!((r.provenance.node_id.as_ref(), r.provenance.seq, r.reading.temperature), ("pve-1", 9, 72.5));
+        // The natural key ignores formatting: the same reading re-serialised has the same key.
+        let again = br#"{"status":"OK","humidity":55.2,"temperature":72.5,"timestamp":"2024-12-26T10:00:00Z","device_id":"device123"}"#;
+        let Append::Record { natural_hash: n2, payload_hash: p2, .. } =
+            classify("devices/device123/telemetry", again, false, NOW, "pve-1", &rules())
+        else {
+            panic!("expected a record")
+        };
+        assert_eq!(natural_hash, n2);
+        assert_ne!(p2, xxh3_64(payload));
+    }
+
+    #[test]
+    fn hostile_payloads_become_dead_letters_with_reason() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (b"not json".to_vec(), "bad_json"),
+            (vec![0xff, 0xfe, 0x00], "not_utf8"),
+            (br#"{"device_id":"d","timestamp":"2024-12-26T10:00:00Z","temperature":"hot","humidity":1,"status":"OK"}"#.to_vec(), "wrong_type"),
+            (br#"{"device_id":"d","timestamp":"1999-12-26T10:00:00Z","temperature":1,"humidity":1,"status":"OK"}"#.to_vec(), "timestamp_out_of_range"),
+            (br#"{"device_id":"d","timestamp":"2030-12-26T10:00:00Z","temperature":1,"humidity":1,"status":"OK"}"#.to_vec(), "timestamp_out_of_range"),
+            (vec![b'x'; 100_000], "oversized"),
+        ];
+        for (payload, reason) in cases {
+            let a = classify("devices/d/telemetry", &payload, true, NOW, "pve-1", &rules());
+            let Append::DeadLetter { draft, check_duplicate, .. } = a else {
+                panic!("expected a dead letter for {reason}")
+            };
+            assert_eq!(draft.reason, reason);
+            assert!(check_duplicate, "a DUP redelivery is checked against the horizon");
+            assert_eq!(draft.payload_size, payload.len() as u64);
+            assert_eq!(draft.truncated, payload.len() > Limits::default().max_payload_bytes);
+            assert!(draft.payload.len() <= Limits::default().max_payload_bytes);
+            assert_eq!(draft.source, "devices/d/telemetry");
+        }
+    }
+}

@@ -1,0 +1,316 @@
+//! Harness for the agent's tests: real mosquitto and tansu, the agent as a child process.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use edgeflow_contract::{DeadLetter, Limits, RawRecord};
+use edgeflow_testkit::{Child, FaultProxy, Mosquitto, Tansu, TansuStorage, free_port, kafka};
+
+pub const RAW: &str = "raw-data";
+pub const DLQ: &str = "raw-data-dlq";
+
+/// mosquitto + tansu (optionally behind a fault proxy) + a data directory.
+pub struct Env {
+    pub mosquitto: Mosquitto,
+    pub tansu: Tansu,
+    pub proxy: Option<FaultProxy>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub async fn start(with_proxy: bool) -> Result<Self> {
+        let mosquitto = Mosquitto::start()?;
+        let (tansu, proxy) = if with_proxy {
+            let listen = free_port();
+            let proxy = FaultProxy::start(0, listen)?;
+            (Tansu::start_advertising(TansuStorage::Memory, listen, proxy.port)?, Some(proxy))
+        } else {
+            (Tansu::start(TansuStorage::Memory)?, None)
+        };
+        kafka::create_topics(&tansu.bootstrap(), &[(RAW, 3), (DLQ, 1)]).await?;
+        let dir = tempfile::Builder::new().prefix("agent-test").tempdir()?;
+        Ok(Env { mosquitto, tansu, proxy, dir })
+    }
+
+    /// A config for an agent of this environment; `extra` is appended (sections may repeat
+    /// keys only if not already present: pass whole extra sections).
+    pub fn config(&self, node_id: &str, metrics_port: u16, extra: &str) -> String {
+        format!(
+            "node_id = \"{node_id}\"\ndata_dir = \"{}\"\nshutdown_timeout = \"10s\"\n\
+             [mqtt]\nurl = \"{}\"\nkeep_alive = \"5s\"\nreconnect_backoff_max = \"1s\"\n\
+             [kafka]\nbrokers = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n{extra}",
+            self.dir.path().join(node_id).display(),
+            self.mosquitto.url(),
+            self.tansu.bootstrap(),
+        )
+    }
+
+    pub fn write_config(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+}
+
+/// The agent binary as a child process.
+pub struct Agent {
+    pub child: Child,
+    pub metrics_port: u16,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    pub fn start(config: &Path, metrics_port: u16) -> Result<Self> {
+        let log = config.with_extension("log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgeflow-agent"));
+        cmd.arg("run").arg("--config").arg(config).env("RUST_LOG", "info,librdkafka=warn");
+        let child = Child::spawn("edgeflow-agent", cmd, Some(&log))?;
+        let agent = Agent { child, metrics_port, config: config.to_owned(), log };
+        agent.wait_healthy(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    pub fn wait_healthy(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if http_get(self.metrics_port, "/healthz").is_ok_and(|(code, _)| code == 200) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("agent did not become healthy; log:\n{}", self.log_text())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Current metric values by full series name (`name{labels}`).
+    pub fn metrics(&self) -> Result<HashMap<String, f64>> {
+        let (_, body) = http_get(self.metrics_port, "/metrics")?;
+        Ok(parse_metrics(&body))
+    }
+
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics().ok().and_then(|m| m.get(series).copied()).unwrap_or(f64::NAN)
+    }
+
+    /// Waits until `series` satisfies `pred`.
+    pub fn wait_metric(&self, series: &str, timeout: Duration, pred: impl Fn(f64) -> bool) -> Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.metric(series);
+            if pred(v) {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{series} = {v} did not reach the expected value in {timeout:?}; log tail:\n{}",
+                    tail(&self.log_text(), 40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill9();
+    }
+
+    /// SIGTERM; returns whether it exited cleanly within `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.child.terminate(timeout)
+    }
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A minimal HTTP/1.1 GET against 127.0.0.1.
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out.get(9..12).and_then(|c| c.parse().ok()).context("no HTTP status")?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((code, body))
+}
+
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Publishes with the simulator and returns its log lines (class, payload, acked).
+pub async fn publish(env: &Env, devices: u32, rate: f64, secs: f64, bad: f64, seed: u64) -> Result<Vec<Published>> {
+    let log = env.dir.path().join(format!("published-{seed}.jsonl"));
+    let sim = edgeflow_agent::simulate::Simulation {
+        mqtt_host: "127.0.0.1".into(),
+        mqtt_port: env.mosquitto.port,
+        devices,
+        rate,
+        duration: Duration::from_secs_f64(secs),
+        bad_fraction: bad,
+        topic_prefix: "devices".into(),
+        device_prefix: format!("s{seed}-dev"),
+        seed,
+        log: Some(log.clone()),
+        progress: false,
+    };
+    edgeflow_agent::simulate::run(sim, edgeflow_runtime::CancellationToken::new()).await?;
+    read_published(&log)
+}
+
+#[allow(unused_imports)] // not every test binary uses both
+pub use edgeflow_agent::simulate::{Class, LogEntry as Published};
+
+pub fn read_published(path: &Path) -> Result<Vec<Published>> {
+    Published::read_all(path)
+}
+
+/// Starts the simulator in the background, logging to `<dir>/<name>.jsonl`.
+pub fn spawn_publisher(
+    env: &Env,
+    name: &str,
+    devices: u32,
+    rate: f64,
+    secs: u64,
+    seed: u64,
+) -> tokio::task::JoinHandle<Result<edgeflow_agent::simulate::Report>> {
+    let sim = edgeflow_agent::simulate::Simulation {
+        mqtt_host: "127.0.0.1".into(),
+        mqtt_port: env.mosquitto.port,
+        devices,
+        rate,
+        duration: Duration::from_secs(secs),
+        bad_fraction: 0.0,
+        topic_prefix: "devices".into(),
+        device_prefix: format!("{name}-dev"),
+        seed,
+        log: Some(env.dir.path().join(format!("{name}.jsonl"))),
+        progress: false,
+    };
+    tokio::spawn(edgeflow_agent::simulate::run(sim, edgeflow_runtime::CancellationToken::new()))
+}
+
+/// A record read back from raw-data.
+#[derive(Debug, Clone)]
+pub struct Got {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub node_id: String,
+    pub seq: u64,
+    pub device_id: String,
+    pub timestamp: String,
+    pub temperature: f64,
+    pub humidity: f64,
+    pub status: String,
+}
+
+/// Reads raw-data until `count` records (then `settle` more for extras).
+pub fn read_raw(bootstrap: &str, count: usize, timeout: Duration) -> Result<Vec<Got>> {
+    let msgs = kafka::consume_count(bootstrap, RAW, count, timeout, Duration::from_secs(2))?;
+    msgs.iter()
+        .map(|m| {
+            let r = RawRecord::parse(&m.value, &Limits::default())
+                .map_err(|e| anyhow::anyhow!("raw-data holds an invalid record: {e}"))?;
+            Ok(Got {
+                partition: m.partition,
+                offset: m.offset,
+                key: String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned(),
+                node_id: r.provenance.node_id.into_owned(),
+                seq: r.provenance.seq,
+                device_id: r.reading.device_id.into_owned(),
+                timestamp: r.reading.timestamp.into_owned(),
+                temperature: r.reading.temperature,
+                humidity: r.reading.humidity,
+                status: r.reading.status.into_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Reads raw-data-dlq until `count` dead letters.
+pub fn read_dlq(bootstrap: &str, count: usize, timeout: Duration) -> Result<Vec<DeadLetter<'static>>> {
+    let msgs = kafka::consume_count(bootstrap, DLQ, count, timeout, Duration::from_secs(2))?;
+    msgs.iter()
+        .map(|m| {
+            let d = DeadLetter::parse(&m.value).context("dead letter")?;
+            Ok(DeadLetter {
+                node_id: d.node_id.into_owned().into(),
+                seq: d.seq,
+                reason: d.reason.into_owned().into(),
+                detail: d.detail.into_owned().into(),
+                source: d.source.into_owned().into(),
+                received_at_ms: d.received_at_ms,
+                payload_size: d.payload_size,
+                truncated: d.truncated,
+                payload: d.payload,
+            })
+        })
+        .collect()
+}
+
+/// The (device, timestamp) natural key of a published valid payload.
+pub fn natural_key(payload: &str) -> Option<(String, String)> {
+    let v: serde_json::Value = serde_json::from_str(payload).ok()?;
+    Some((v.get("device_id")?.as_str()?.to_owned(), v.get("timestamp")?.as_str()?.to_owned()))
+}
+
+/// Checks that every acknowledged reading is in `got`, that no reading has two seqs, and that
+/// per device the records are in order. Returns the number of extra copies (same seq again).
+pub fn check_complete(acked: &[&Published], got: &[Got]) -> usize {
+    let mut seq_of: HashMap<(String, String), u64> = HashMap::new();
+    let mut copies = 0;
+    for g in got {
+        match seq_of.insert((g.device_id.clone(), g.timestamp.clone()), g.seq) {
+            Some(prev) if prev != g.seq => {
+                panic!("reading {}/{} has two seqs: {prev} and {}", g.device_id, g.timestamp, g.seq)
+            }
+            Some(_) => copies += 1,
+            None => {}
+        }
+    }
+    for p in acked {
+        let key = natural_key(&p.payload).expect("valid payload");
+        assert!(seq_of.contains_key(&key), "acknowledged reading lost: {}", p.payload);
+    }
+    let distinct: HashSet<u64> = got.iter().map(|g| g.seq).collect();
+    assert_eq!(distinct.len(), seq_of.len(), "a seq was given to two readings");
+    // Per device: one partition, and first copies in increasing seq order.
+    let mut per_device: HashMap<&str, Vec<&Got>> = HashMap::new();
+    for g in got {
+        per_device.entry(&g.device_id).or_default().push(g);
+    }
+    for records in per_device.values_mut() {
+        records.sort_by_key(|g| g.offset);
+        assert!(records.windows(2).all(|w| w[0].partition == w[1].partition), "a device moved partition");
+        let mut high = 0;
+        for g in records.iter() {
+            if g.seq > high {
+                high = g.seq;
+            } else {
+                // A copy re-sent after a crash: never a reading seen for the first time.
+                assert!(seq_of.values().any(|&s| s == g.seq));
+            }
+        }
+    }
+    copies
+}

@@ -1,0 +1,77 @@
+//! Disk full under the agent's data directory: a real ENOSPC from a small tmpfs.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use edgeflow_testkit::{Child, free_port};
+
+/// Runs the agent with its data directory on a 4 MiB tmpfs in a private mount namespace.
+fn start_on_small_disk(config: &std::path::Path, data_dir: &std::path::Path, port: u16) -> anyhow::Result<Agent> {
+    std::fs::create_dir_all(data_dir)?;
+    let root = Command::new("id").arg("-u").output()?.stdout.starts_with(b"0");
+    let mut cmd = Command::new("unshare");
+    // As root a mount namespace is enough; otherwise map ourselves to root in a user namespace.
+    cmd.arg(if root { "-m" } else { "-rm" })
+        .arg("sh")
+        .arg("-c")
+        .arg(r#"mount -t tmpfs -o size=4m tmpfs "$1" && exec "$2" run --config "$3""#)
+        .arg("sh")
+        .arg(data_dir)
+        .arg(env!("CARGO_BIN_EXE_edgeflow-agent"))
+        .arg(config)
+        .env("RUST_LOG", "info");
+    let log = config.with_extension("log");
+    let child = Child::spawn("edgeflow-agent (small disk)", cmd, Some(&log))?;
+    let agent = Agent { child, metrics_port: port, config: config.to_owned(), log };
+    agent.wait_healthy(Duration::from_secs(20))?;
+    Ok(agent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_acknowledgements_and_recovers_when_kafka_drains_the_buffer() -> anyhow::Result<()> {
+    let env = Env::start(true).await?;
+    let proxy = env.proxy.as_ref().expect("proxy");
+    let port = free_port();
+    let data_dir = env.dir.path().join("small");
+    let text = env
+        .config("node-disk", port, "[buffer]\nmax_bytes = \"1GiB\"\n")
+        .replace(
+            &format!("data_dir = \"{}\"", env.dir.path().join("node-disk").display()),
+            &format!("data_dir = \"{}\"", data_dir.display()),
+        )
+        .replace("[kafka]\n", "[kafka]\nmax_in_flight = 500\n");
+    let config = env.write_config("disk", &text)?;
+    let agent = start_on_small_disk(&config, &data_dir, port)?;
+    agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
+
+    // Kafka away: the buffer grows until the disk is full.
+    proxy.cut();
+    let published = publish(&env, 20, 3000.0, 6.0, 0.0, 21).await?;
+    let acked: Vec<&Published> = published.iter().filter(|p| p.acked).collect();
+    agent.wait_metric("edgeflow_agent_buffer_commit_errors_total", Duration::from_secs(30), |v| v >= 1.0)?;
+    let (code, body) = http_get(port, "/readyz")?;
+    assert_eq!(code, 503);
+    assert!(body.contains("[-] buffer: not writable"), "{body}");
+    assert_eq!(http_get(port, "/healthz")?.0, 200, "a full disk is not a wedged process");
+    let committed = agent.metric("edgeflow_agent_records_committed_total");
+    assert!(committed < acked.len() as f64, "the broker must be holding what did not fit");
+    assert!(agent.log_text().contains("buffer commit failed"), "the operator is told");
+
+    // Kafka back: the forwarder drains what was committed, deletions free space, and the
+    // messages the broker held are committed and delivered.
+    proxy.heal();
+    let got = read_raw(&env.tansu.bootstrap(), acked.len(), Duration::from_secs(120))?;
+    let copies = check_complete(&acked, &got);
+    assert_eq!((got.len() - copies), acked.len());
+    agent.wait_metric("edgeflow_agent_buffer_records", Duration::from_secs(30), |v| v == 0.0)?;
+    let (code, _) = http_get(port, "/readyz")?;
+    assert_eq!(code, 200, "writable again");
+    let log = agent.log_text();
+    assert!(log.contains("No space left on device"), "the failure was a real ENOSPC:\n{log}");
+    assert!(log.contains("buffer writable again"), "{log}");
+    eprintln!("{}", log.lines().filter(|l| l.contains("buffer")).take(6).collect::<Vec<_>>().join("\n"));
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! Kafka for end-to-end runs: librdkafka's in-process mock cluster (starts instantly, for the
+//! demo) or a real tansu broker behind a fault proxy (for the suite), both able to cut the
+//! network and heal it; and a consumer that tails topics from the beginning.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use edgeflow_testkit::{FaultProxy, Tansu, TansuStorage, free_port};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// Topics and partition counts every run creates.
+pub const TOPICS: &[(&str, i32)] = &[("raw-data", 3), ("raw-data-dlq", 1), ("processed-data", 3)];
+
+/// A Kafka cluster the run can cut off and heal.
+#[allow(missing_debug_implementations)] // MockCluster is not Debug
+pub enum Backend {
+    /// librdkafka's mock cluster, in this process.
+    Mock(MockCluster<'static, DefaultProducerContext>, i32),
+    /// tansu, reached through a fault proxy.
+    Tansu(Tansu, FaultProxy),
+}
+
+impl Backend {
+    /// An in-process mock cluster of `brokers` brokers with the topics created.
+    pub fn mock(brokers: i32) -> Result<Self> {
+        let cluster = MockCluster::new(brokers).context("starting librdkafka's mock cluster")?;
+        for (topic, partitions) in TOPICS {
+            cluster.create_topic(topic, *partitions, 1).with_context(|| format!("creating {topic}"))?;
+        }
+        Ok(Backend::Mock(cluster, brokers))
+    }
+
+    /// A real tansu broker behind a fault proxy, with the topics created.
+    pub async fn tansu(storage: TansuStorage) -> Result<Self> {
+        let listen = free_port();
+        let proxy = FaultProxy::start(0, listen)?;
+        let tansu = Tansu::start_advertising(storage, listen, proxy.port)?;
+        edgeflow_testkit::kafka::create_topics(&tansu.bootstrap(), TOPICS).await?;
+        Ok(Backend::Tansu(tansu, proxy))
+    }
+
+    pub fn bootstrap(&self) -> String {
+        match self {
+            Backend::Mock(c, _) => c.bootstrap_servers(),
+            Backend::Tansu(t, _) => t.bootstrap(),
+        }
+    }
+
+    /// Cuts every client off the cluster.
+    pub fn cut(&self) -> Result<()> {
+        match self {
+            Backend::Mock(c, n) => {
+                for id in 1..=*n {
+                    c.broker_down(id)?;
+                }
+            }
+            Backend::Tansu(_, p) => p.cut(),
+        }
+        Ok(())
+    }
+
+    /// Lets clients reach the cluster again.
+    pub fn heal(&self) -> Result<()> {
+        match self {
+            Backend::Mock(c, n) => {
+                for id in 1..=*n {
+                    c.broker_up(id)?;
+                }
+            }
+            Backend::Tansu(_, p) => p.heal(),
+        }
+        Ok(())
+    }
+}
+
+/// Everything read from one topic so far: values by partition and offset.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    pub messages: Vec<(i32, i64, Vec<u8>)>,
+}
+
+/// Tails topics from the beginning on its own thread (counting is by consuming, not by
+/// watermarks: tansu's high watermark can trail what it stores).
+#[derive(Debug, Clone)]
+pub struct Tail {
+    seen: Arc<Mutex<HashMap<String, Seen>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Tail {
+    pub fn start(bootstrap: &str, topics: &[&str]) -> Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", "edgeflow-e2e-tail")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("topic.metadata.refresh.interval.ms", "1000")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for topic in topics {
+            let parts = TOPICS.iter().find(|(t, _)| t == topic).map(|(_, p)| *p).unwrap_or(1);
+            for p in 0..parts {
+                tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        let tail = Tail { seen: Arc::default(), stop: Arc::default() };
+        let (seen, stop) = (tail.seen.clone(), tail.stop.clone());
+        std::thread::Builder::new().name("e2e-tail".into()).spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                    let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    seen.entry(m.topic().to_owned()).or_default().messages.push((
+                        m.partition(),
+                        m.offset(),
+                        m.payload().unwrap_or_default().to_vec(),
+                    ));
+                }
+            }
+        })?;
+        Ok(tail)
+    }
+
+    /// How many messages of `topic` were read.
+    pub fn count(&self, topic: &str) -> usize {
+        self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(topic).map_or(0, |s| s.messages.len())
+    }
+
+    /// A copy of what was read from `topic`.
+    pub fn snapshot(&self, topic: &str) -> Seen {
+        self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(topic).cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Tail {
+    fn drop(&mut self) {
+        // Only the last clone stops the thread.
+        if Arc::strong_count(&self.stop) == 1 {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}

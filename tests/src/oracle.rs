@@ -1,0 +1,222 @@
+//! The oracle: what devices published and the broker acknowledged, against what came out.
+//!
+//! A published message is identified by its payload: valid readings and anomalies by their
+//! natural key `(device_id, timestamp)` (the simulator gives every reading a distinct
+//! microsecond timestamp), malformed payloads by their bytes. Every acknowledged message must
+//! come out exactly once — readings as records carrying `(node_id, seq)`, malformed payloads as
+//! dead letters — with its fields unchanged, and nothing may come out that was not published.
+
+use std::collections::HashMap;
+
+use edgeflow_contract::{DeadLetter, Limits, RawRecord};
+use serde::Serialize;
+
+pub use edgeflow_agent::simulate::{Class, LogEntry as Published};
+
+/// Reads a simulator log.
+pub fn read_published(path: &std::path::Path) -> anyhow::Result<Vec<Published>> {
+    Published::read_all(path)
+}
+
+/// Counts for one class of message.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Row {
+    pub published: usize,
+    pub acknowledged: usize,
+    pub delivered_once: usize,
+    pub duplicated: usize,
+    pub missing: usize,
+    pub altered: usize,
+}
+
+/// The verdict over `raw-data` and `raw-data-dlq`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EdgeVerdict {
+    pub readings: Row,
+    pub malformed: Row,
+    /// Records or dead letters nobody published.
+    pub unknown: usize,
+    /// `(node_id, seq)` pairs carried by two different readings.
+    pub seq_conflicts: usize,
+    /// Kafka copies with a `(node_id, seq)` already seen (re-sent after a crash; the aggregator drops them).
+    pub resent_copies: usize,
+}
+
+impl EdgeVerdict {
+    /// Nothing acknowledged missing, nothing doubled, nothing altered, nothing unknown.
+    pub fn clean(&self) -> bool {
+        let ok = |r: &Row| r.missing == 0 && r.duplicated == 0 && r.altered == 0;
+        ok(&self.readings) && ok(&self.malformed) && self.unknown == 0 && self.seq_conflicts == 0
+    }
+}
+
+/// Compares the simulator's log with the values read from `raw-data` and `raw-data-dlq`.
+/// Copies re-sent by an agent (same `(node_id, seq)`) count once; markers are ignored.
+pub fn check_edge(published: &[Published], raw: &[Vec<u8>], dlq: &[Vec<u8>]) -> EdgeVerdict {
+    let mut v = EdgeVerdict::default();
+    let limits = Limits::default();
+    // Readings out of Kafka, by natural key, keeping one copy per (node, seq).
+    let mut seen_seq: HashMap<(String, u64), (String, String)> = HashMap::new();
+    let mut out: HashMap<(String, String), (usize, serde_json::Value)> = HashMap::new();
+    for value in raw {
+        let Ok(r) = RawRecord::parse(value, &limits) else {
+            v.unknown += 1;
+            continue;
+        };
+        let id = (r.provenance.node_id.to_string(), r.provenance.seq);
+        let key = (r.reading.device_id.to_string(), r.reading.timestamp.to_string());
+        match seen_seq.get(&id) {
+            Some(k) if *k == key => {
+                v.resent_copies += 1;
+                continue;
+            }
+            Some(_) => {
+                v.seq_conflicts += 1;
+                continue;
+            }
+            None => {
+                seen_seq.insert(id, key.clone());
+            }
+        }
+        let fields = serde_json::json!({
+            "temperature": r.reading.temperature, "humidity": r.reading.humidity, "status": r.reading.status,
+        });
+        out.entry(key).or_insert((0, fields)).0 += 1;
+    }
+    let mut dead: HashMap<Vec<u8>, usize> = HashMap::new();
+    let mut dead_ids: std::collections::HashSet<(String, u64)> = Default::default();
+    for value in dlq {
+        let Ok(d) = DeadLetter::parse(value) else {
+            v.unknown += 1;
+            continue;
+        };
+        if d.marker().is_some() {
+            continue;
+        }
+        if !dead_ids.insert((d.node_id.to_string(), d.seq)) {
+            v.resent_copies += 1;
+            continue;
+        }
+        *dead.entry(d.payload).or_default() += 1;
+    }
+
+    for p in published {
+        let row = if p.class == Class::Malformed { &mut v.malformed } else { &mut v.readings };
+        row.published += 1;
+        if !p.acked {
+            continue;
+        }
+        row.acknowledged += 1;
+        if p.class == Class::Malformed {
+            // Dead letters keep the payload (truncated beyond the agent's bound).
+            let bytes = p.bytes();
+            let bytes = bytes.as_slice();
+            let found = dead
+                .iter_mut()
+                .find(|(k, n)| **n > 0 && (k.as_slice() == bytes || (k.len() < bytes.len() && bytes.starts_with(k))))
+                .map(|(_, n)| {
+                    *n -= 1;
+                    *n
+                });
+            match found {
+                Some(_) => v.malformed.delivered_once += 1,
+                None => v.malformed.missing += 1,
+            }
+            continue;
+        }
+        let Ok(sent) = serde_json::from_str::<serde_json::Value>(&p.payload) else {
+            v.readings.missing += 1;
+            continue;
+        };
+        let key = (
+            sent["device_id"].as_str().unwrap_or_default().to_owned(),
+            sent["timestamp"].as_str().unwrap_or_default().to_owned(),
+        );
+        match out.remove(&key) {
+            None => v.readings.missing += 1,
+            Some((n, got)) => {
+                if n > 1 {
+                    v.readings.duplicated += 1;
+                } else {
+                    v.readings.delivered_once += 1;
+                }
+                let same = got["temperature"].as_f64() == sent["temperature"].as_f64()
+                    && got["humidity"].as_f64() == sent["humidity"].as_f64()
+                    && got["status"] == sent["status"];
+                if !same {
+                    v.readings.altered += 1;
+                }
+            }
+        }
+    }
+    // Readings that came out but were never acknowledged as published are unknown only if they
+    // were not published at all (a message the broker took but whose PUBACK the publisher never
+    // saw may legitimately arrive).
+    let published_keys: std::collections::HashSet<(String, String)> = published
+        .iter()
+        .filter(|p| p.class != Class::Malformed)
+        .filter_map(|p| serde_json::from_str::<serde_json::Value>(&p.payload).ok())
+        .map(|s| {
+            (
+                s["device_id"].as_str().unwrap_or_default().to_owned(),
+                s["timestamp"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    v.unknown += out.keys().filter(|k| !published_keys.contains(*k)).count();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeflow_contract::{Provenance, Reading, TimeBounds};
+
+    fn record(payload: &str, seq: u64) -> Vec<u8> {
+        let r = Reading::parse(payload.as_bytes(), &Limits::default(), &TimeBounds::unbounded()).expect("valid");
+        RawRecord { reading: r, provenance: Provenance { node_id: "n".into(), seq } }.to_json()
+    }
+
+    fn published(n: u64, class: Class, payload: &str) -> Published {
+        use base64::Engine as _;
+        Published {
+            n,
+            device: "d".into(),
+            class,
+            payload: payload.into(),
+            payload_base64: base64::engine::general_purpose::STANDARD.encode(payload),
+            acked: true,
+        }
+    }
+
+    const A: &str =
+        r#"{"device_id":"d","timestamp":"2024-01-01T00:00:00Z","temperature":1,"humidity":2,"status":"OK"}"#;
+    const B: &str =
+        r#"{"device_id":"d","timestamp":"2024-01-01T00:00:01Z","temperature":1,"humidity":2,"status":"OK"}"#;
+
+    #[test]
+    fn a_clean_run_is_clean_and_resent_copies_are_tolerated() {
+        let p = vec![published(0, Class::Valid, A), published(1, Class::Valid, B)];
+        let v = check_edge(&p, &[record(A, 1), record(B, 2), record(B, 2)], &[]);
+        assert!(v.clean(), "{v:?}");
+        assert_eq!((v.readings.delivered_once, v.resent_copies), (2, 1));
+    }
+
+    #[test]
+    fn the_oracle_catches_loss_duplication_alteration_and_strangers() {
+        let p = vec![published(0, Class::Valid, A), published(1, Class::Valid, B)];
+        let lost = check_edge(&p, &[record(A, 1)], &[]);
+        assert_eq!(lost.readings.missing, 1);
+        assert!(!lost.clean());
+        let doubled = check_edge(&p, &[record(A, 1), record(B, 2), record(B, 3)], &[]);
+        assert_eq!(doubled.readings.duplicated, 1);
+        assert!(!doubled.clean());
+        let altered =
+            check_edge(&p, &[record(A, 1), record(&B.replace("\"temperature\":1", "\"temperature\":9"), 2)], &[]);
+        assert_eq!(altered.readings.altered, 1);
+        let stranger = check_edge(&p[..1], &[record(A, 1), record(B, 2)], &[]);
+        assert_eq!(stranger.unknown, 1);
+        let conflict = check_edge(&p, &[record(A, 1), record(B, 1)], &[]);
+        assert_eq!(conflict.seq_conflicts, 1);
+    }
+}
