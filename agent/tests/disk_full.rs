@@ -25,7 +25,7 @@ fn start_on_small_disk(config: &std::path::Path, data_dir: &std::path::Path, por
         .env("RUST_LOG", "info");
     let log = config.with_extension("log");
     let child = Child::spawn("edgeflow-agent (small disk)", cmd, Some(&log))?;
-    let agent = Agent { child, metrics_port: port, config: config.to_owned(), log };
+    let agent = Agent { child, port, config: config.to_owned(), log };
     agent.wait_healthy(Duration::from_secs(20))?;
     Ok(agent)
 }

@@ -19,7 +19,7 @@ async fn kafka_unreachable_then_back_everything_arrives_once_in_order() -> anyho
     let proxy = env.proxy.as_ref().expect("proxy");
     let port = free_port();
     let config = env.write_config("k", &env.config("node-k", port, ""))?;
-    let agent = Agent::start(&config, port)?;
+    let agent = start_agent(&config, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
 
     proxy.cut();
@@ -52,7 +52,7 @@ async fn kill9_mid_stream_loses_nothing_and_never_gives_a_reading_two_seqs() -> 
     let env = Env::start(false).await?;
     let port = free_port();
     let config = env.write_config("c", &env.config("node-c", port, ""))?;
-    let mut agent = Agent::start(&config, port)?;
+    let mut agent = start_agent(&config, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
 
     let publisher = spawn_publisher(&env, "crash", 20, 1500.0, 8, 4);
@@ -62,7 +62,7 @@ async fn kill9_mid_stream_loses_nothing_and_never_gives_a_reading_two_seqs() -> 
         seqs_before.push(agent.metric("edgeflow_agent_buffer_next_seq"));
         agent.kill9();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        agent = Agent::start(&config, port)?;
+        agent = start_agent(&config, port)?;
         // seq continues across restarts.
         let next = agent.metric("edgeflow_agent_buffer_next_seq");
         assert!(next >= *seqs_before.last().expect("one"), "seq went back: {next} < {seqs_before:?}");
@@ -96,7 +96,7 @@ async fn buffer_full_with_block_holds_acks_and_loses_nothing() -> anyhow::Result
         "b",
         &env.config("node-b", port, &extra).replace("[kafka]\n", "[kafka]\nmax_in_flight = 200\n"),
     )?;
-    let agent = Agent::start(&config, port)?;
+    let agent = start_agent(&config, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
 
     proxy.cut();
@@ -132,7 +132,7 @@ async fn buffer_full_with_drop_oldest_drops_the_oldest_and_counts_them() -> anyh
         "d",
         &env.config("node-d", port, &small_buffer("drop_oldest")).replace("[kafka]\n", "[kafka]\nmax_in_flight = 50\n"),
     )?;
-    let agent = Agent::start(&config, port)?;
+    let agent = start_agent(&config, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
 
     proxy.cut();
@@ -168,7 +168,7 @@ async fn sigterm_stops_promptly_and_nothing_is_lost_or_doubled() -> anyhow::Resu
     let env = Env::start(false).await?;
     let port = free_port();
     let config = env.write_config("t", &env.config("node-t", port, ""))?;
-    let mut agent = Agent::start(&config, port)?;
+    let mut agent = start_agent(&config, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
 
     let publisher = spawn_publisher(&env, "term", 10, 1000.0, 4, 7);
@@ -180,7 +180,7 @@ async fn sigterm_stops_promptly_and_nothing_is_lost_or_doubled() -> anyhow::Resu
     let log = agent.log_text();
     assert!(log.contains("stopping") && log.contains("edgeflow-agent stopped"), "{log}");
 
-    let agent = Agent::start(&config, port)?;
+    let agent = start_agent(&config, port)?;
     publisher.await??;
     let published = read_published(&env.dir.path().join("term.jsonl"))?;
     let acked = acked(&published);

@@ -15,7 +15,7 @@ async fn every_acknowledged_record_reaches_kafka_exactly_once_in_order() -> anyh
     let env = Env::start(false).await?;
     let port = free_port();
     let config = env.write_config("a", &env.config("node-a", port, ""))?;
-    let agent = Agent::start(&config, port)?;
+    let agent = start_agent(&config, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
 
     let published = publish(&env, 20, 2000.0, 3.0, 0.0, 1).await?;
@@ -68,7 +68,7 @@ async fn hostile_payloads_are_dead_lettered_counted_and_the_stream_goes_on() -> 
     let env = Env::start(false).await?;
     let port = free_port();
     let config = env.write_config("h", &env.config("node-h", port, ""))?;
-    let agent = Agent::start(&config, port)?;
+    let agent = start_agent(&config, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
 
     let published = publish(&env, 10, 1000.0, 2.0, 0.3, 2).await?;
@@ -116,7 +116,7 @@ async fn the_same_reading_twice_gets_one_seq() -> anyhow::Result<()> {
     let env = Env::start(false).await?;
     let port = free_port();
     let config = env.write_config("r", &env.config("node-r", port, ""))?;
-    let agent = Agent::start(&config, port)?;
+    let agent = start_agent(&config, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
     let now = chrono::Utc::now().to_rfc3339();
     let payload = format!(
@@ -155,13 +155,13 @@ async fn mqtt_3_1_1_delivers_exactly_once_and_survives_a_kill() -> anyhow::Resul
     let port = free_port();
     let text = env.config("node-v4", port, "").replace("[mqtt]\n", "[mqtt]\nprotocol = \"3.1.1\"\n");
     let config = env.write_config("v4", &text)?;
-    let mut agent = Agent::start(&config, port)?;
+    let mut agent = start_agent(&config, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
     let first = publish(&env, 10, 1000.0, 2.0, 0.1, 11).await?;
     agent.kill9();
     // Published while the agent is down: the broker keeps them for the persistent session.
     let second = publish(&env, 10, 1000.0, 1.0, 0.0, 12).await?;
-    let agent = Agent::start(&config, port)?;
+    let agent = start_agent(&config, port)?;
     let acked: Vec<&Published> =
         first.iter().chain(&second).filter(|p| p.acked && p.class != Class::Malformed).collect();
     agent.wait_metric("edgeflow_agent_buffer_records", Duration::from_secs(60), |v| v == 0.0)?;

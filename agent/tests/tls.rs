@@ -80,7 +80,7 @@ async fn mqtts_with_client_certificate_and_password() -> anyhow::Result<()> {
         &format!("url = \"mqtts://127.0.0.1:{}\"\n{tls}", env.mosquitto.port),
     );
     let config = env.write_config("tls", &config_text)?;
-    let agent = Agent::start(&config, port)?;
+    let agent = start_agent(&config, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(15), |v| v == 1.0)?;
 
     let start = chrono::Utc::now();
@@ -128,7 +128,7 @@ async fn wrong_password_is_reported_not_fatal_and_never_logged() -> anyhow::Resu
         ),
     );
     let config = env.write_config("pw", &text)?;
-    let agent = Agent::start(&config, port)?;
+    let agent = start_agent(&config, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connection_errors_total", Duration::from_secs(15), |v| v >= 2.0)?;
     let (code, body) = http_get(port, "/readyz")?;
     assert_eq!(code, 503);

@@ -2,15 +2,13 @@
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use edgeflow_contract::{DeadLetter, Limits, RawRecord};
-use edgeflow_testkit::{Child, FaultProxy, Mosquitto, Tansu, TansuStorage, free_port, kafka};
+#[allow(unused_imports)] // not every test binary uses every helper
+pub use edgeflow_testkit::{FaultProxy, Mosquitto, Service, Tansu, TansuStorage, free_port, http_get, kafka};
 
 pub const RAW: &str = "raw-data";
 pub const DLQ: &str = "raw-data-dlq";
@@ -59,102 +57,11 @@ impl Env {
 }
 
 /// The agent binary as a child process.
-pub struct Agent {
-    pub child: Child,
-    pub metrics_port: u16,
-    pub config: PathBuf,
-    pub log: PathBuf,
-}
+pub type Agent = Service;
 
-impl Agent {
-    pub fn start(config: &Path, metrics_port: u16) -> Result<Self> {
-        let log = config.with_extension("log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgeflow-agent"));
-        cmd.arg("run").arg("--config").arg(config).env("RUST_LOG", "info,librdkafka=warn");
-        let child = Child::spawn("edgeflow-agent", cmd, Some(&log))?;
-        let agent = Agent { child, metrics_port, config: config.to_owned(), log };
-        agent.wait_healthy(Duration::from_secs(20))?;
-        Ok(agent)
-    }
-
-    pub fn wait_healthy(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if http_get(self.metrics_port, "/healthz").is_ok_and(|(code, _)| code == 200) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("agent did not become healthy; log:\n{}", self.log_text())
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Current metric values by full series name (`name{labels}`).
-    pub fn metrics(&self) -> Result<HashMap<String, f64>> {
-        let (_, body) = http_get(self.metrics_port, "/metrics")?;
-        Ok(parse_metrics(&body))
-    }
-
-    pub fn metric(&self, series: &str) -> f64 {
-        self.metrics().ok().and_then(|m| m.get(series).copied()).unwrap_or(f64::NAN)
-    }
-
-    /// Waits until `series` satisfies `pred`.
-    pub fn wait_metric(&self, series: &str, timeout: Duration, pred: impl Fn(f64) -> bool) -> Result<f64> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let v = self.metric(series);
-            if pred(v) {
-                return Ok(v);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{series} = {v} did not reach the expected value in {timeout:?}; log tail:\n{}",
-                    tail(&self.log_text(), 40)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    pub fn kill9(&mut self) {
-        self.child.kill9();
-    }
-
-    /// SIGTERM; returns whether it exited cleanly within `timeout`.
-    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        self.child.terminate(timeout)
-    }
-}
-
-pub fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// A minimal HTTP/1.1 GET against 127.0.0.1.
-pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let code = out.get(9..12).and_then(|c| c.parse().ok()).context("no HTTP status")?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    Ok((code, body))
-}
-
-pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            Some((name.to_owned(), value.parse().ok()?))
-        })
-        .collect()
+/// Starts `edgeflow-agent run --config <config>` and waits until it is healthy.
+pub fn start_agent(config: &Path, metrics_port: u16) -> Result<Agent> {
+    Service::start(Path::new(env!("CARGO_BIN_EXE_edgeflow-agent")), &["run"], config, metrics_port, &[])
 }
 
 /// Publishes with the simulator and returns its log lines (class, payload, acked).
