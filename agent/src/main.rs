@@ -85,6 +85,9 @@ enum Command {
         /// Random seed (the same seed publishes the same sequence of classes and values).
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Seconds added to the clock for the readings' timestamps (negative: in the past).
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        clock_offset: i64,
         /// Write every message, with whether the broker acknowledged it, as JSON lines.
         #[arg(long)]
         log: Option<PathBuf>,
@@ -154,9 +157,21 @@ fn main() -> ExitCode {
             print!("{}", edgeflow_agent::metrics::describe());
             ExitCode::SUCCESS
         }
-        Command::Simulate { mqtt, devices, rate, duration, bad_fraction, topic_prefix, device_prefix, seed, log } => {
+        Command::Simulate {
+            mqtt,
+            devices,
+            rate,
+            duration,
+            bad_fraction,
+            topic_prefix,
+            device_prefix,
+            seed,
+            clock_offset,
+            log,
+        } => {
             logging::init("warn", Target::Stderr);
-            report(simulate(mqtt, devices, rate, duration, bad_fraction, topic_prefix, device_prefix, seed, log))
+            let sim = Sim { mqtt, devices, rate, duration, bad_fraction, topic_prefix, device_prefix, seed, clock_offset, log };
+            report(simulate(sim))
         }
         Command::Buffer { action } => report(buffer(action)),
     }
@@ -278,8 +293,8 @@ fn bootstrap(config: &Path, dry_run: bool) -> ExitCode {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn simulate(
+/// The `simulate` arguments.
+struct Sim {
     mqtt: String,
     devices: u32,
     rate: f64,
@@ -288,8 +303,12 @@ fn simulate(
     topic_prefix: String,
     device_prefix: String,
     seed: u64,
+    clock_offset: i64,
     log: Option<PathBuf>,
-) -> anyhow::Result<()> {
+}
+
+fn simulate(args: Sim) -> anyhow::Result<()> {
+    let Sim { mqtt, devices, rate, duration, bad_fraction, topic_prefix, device_prefix, seed, clock_offset, log } = args;
     let url = url::Url::parse(&mqtt).with_context(|| format!("--mqtt `{mqtt}` is not a URL"))?;
     anyhow::ensure!(matches!(url.scheme(), "mqtt" | "tcp"), "--mqtt must be mqtt://host:port");
     anyhow::ensure!((0.0..=1.0).contains(&bad_fraction), "--bad-fraction must be between 0 and 1");
@@ -304,6 +323,7 @@ fn simulate(
         topic_prefix,
         device_prefix,
         seed,
+        clock_offset: chrono::Duration::seconds(clock_offset),
         log,
         progress: true,
     };

@@ -44,6 +44,9 @@ pub struct Simulation {
     /// Device names are `<device_prefix>NNNNN`.
     pub device_prefix: String,
     pub seed: u64,
+    /// Added to the wall clock for the readings' timestamps (negative: in the past). Lets a run
+    /// place its readings in an hour that has already ended, or across an hour boundary.
+    pub clock_offset: chrono::Duration,
     pub log: Option<PathBuf>,
     /// Print a progress line to stderr every second.
     pub progress: bool,
@@ -204,7 +207,8 @@ pub async fn run(sim: Simulation, shutdown: CancellationToken) -> anyhow::Result
                 budget -= 1.0;
                 let n = report.published;
                 let device = &devices[(n % devices.len() as u64) as usize];
-                let (class, payload) = message(&mut rng, device, chrono::Utc::now(), sim.bad_fraction, n);
+                let (class, payload) =
+                    message(&mut rng, device, chrono::Utc::now() + sim.clock_offset, sim.bad_fraction, n);
                 let topic = format!("{}/{device}/telemetry", sim.topic_prefix);
                 if client.try_publish(topic, QoS::AtLeastOnce, false, payload.clone()).is_err() {
                     // The request queue is full: we are ahead of the broker; try next tick.

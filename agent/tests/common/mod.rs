@@ -77,6 +77,7 @@ pub async fn publish(env: &Env, devices: u32, rate: f64, secs: f64, bad: f64, se
         topic_prefix: "devices".into(),
         device_prefix: format!("s{seed}-dev"),
         seed,
+        clock_offset: chrono::Duration::zero(),
         log: Some(log.clone()),
         progress: false,
     };
@@ -110,6 +111,7 @@ pub fn spawn_publisher(
         topic_prefix: "devices".into(),
         device_prefix: format!("{name}-dev"),
         seed,
+        clock_offset: chrono::Duration::zero(),
         log: Some(env.dir.path().join(format!("{name}.jsonl"))),
         progress: false,
     };

@@ -92,6 +92,7 @@ async fn demo(args: Args) -> anyhow::Result<bool> {
         topic_prefix: "devices".into(),
         device_prefix: "device".into(),
         seed: 42,
+        clock_offset: chrono::Duration::zero(),
         log: Some(log.clone()),
         progress: false,
     };
