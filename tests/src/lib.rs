@@ -2,4 +2,7 @@
 //! and the oracle that compares what devices published with what came out.
 
 pub mod kafka;
+pub mod lake;
 pub mod oracle;
+pub mod scenario;
+pub mod stack;

@@ -167,6 +167,223 @@ pub fn check_edge(published: &[Published], raw: &[Vec<u8>], dlq: &[Vec<u8>]) -> 
     v
 }
 
+/// The verdict over what reached S3.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PipelineVerdict {
+    /// Valid readings: expected in the `filtered` family.
+    pub valid: Row,
+    /// Anomalies (status not OK, temperature over the limit): expected in `rejected`.
+    pub anomalies: Row,
+    /// Malformed payloads: expected in `deadletter`.
+    pub malformed: Row,
+    /// Rows in S3 that nobody published.
+    pub unknown: usize,
+    /// `(node_id, seq)` present more than once across `filtered`, `rejected` and `deadletter`.
+    pub seq_duplicates: usize,
+    /// (device or all-devices, minute) windows compared with the readings in S3.
+    pub windows_checked: usize,
+    pub window_mismatches: usize,
+    /// Parquet objects read.
+    pub objects: usize,
+}
+
+impl PipelineVerdict {
+    pub fn missing(&self) -> usize {
+        self.valid.missing + self.anomalies.missing + self.malformed.missing
+    }
+
+    pub fn duplicated(&self) -> usize {
+        self.valid.duplicated + self.anomalies.duplicated + self.malformed.duplicated + self.seq_duplicates
+    }
+
+    /// Every acknowledged message exactly once, unaltered, in its family; nothing unknown; the
+    /// aggregates equal the values recomputed from the delivered readings.
+    pub fn clean(&self) -> bool {
+        let altered = self.valid.altered + self.anomalies.altered + self.malformed.altered;
+        self.missing() == 0
+            && self.duplicated() == 0
+            && altered == 0
+            && self.unknown == 0
+            && self.window_mismatches == 0
+            && self.valid.acknowledged + self.anomalies.acknowledged > 0
+    }
+
+    /// One line, for logs and progress.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} missing, {} duplicate ({} valid, {} anomalies, {} malformed delivered once; {} unknown; {} of {} windows mismatched)",
+            self.missing(),
+            self.duplicated(),
+            self.valid.delivered_once,
+            self.anomalies.delivered_once,
+            self.malformed.delivered_once,
+            self.unknown,
+            self.window_mismatches,
+            self.windows_checked
+        )
+    }
+}
+
+/// Compares everything the devices published (every node's simulator log) with S3.
+pub fn check_pipeline(published: &[Published], lake: &crate::lake::Lake) -> PipelineVerdict {
+    use std::collections::{BTreeMap, HashMap, HashSet};
+    let mut v = PipelineVerdict { objects: lake.objects, ..PipelineVerdict::default() };
+
+    // (node, seq) unique across the three record families.
+    let mut ids: HashSet<(String, i64)> = HashSet::new();
+    let mut id_dups = 0;
+    for r in lake.filtered.iter().chain(&lake.rejected) {
+        if !ids.insert((r.node_id.clone(), r.seq)) {
+            id_dups += 1;
+        }
+    }
+    for d in &lake.deadletter {
+        if let (Some(n), Some(s)) = (&d.node_id, d.seq) {
+            if !ids.insert((n.clone(), s)) {
+                id_dups += 1;
+            }
+        }
+    }
+    v.seq_duplicates = id_dups;
+
+    // Readings in S3 by (device, millisecond), with their family.
+    let mut rows: HashMap<(String, i64), Vec<(&crate::lake::ReadingRow, bool)>> = HashMap::new();
+    for r in &lake.filtered {
+        rows.entry((r.device_id.clone(), r.timestamp_ms)).or_default().push((r, false));
+    }
+    for r in &lake.rejected {
+        rows.entry((r.device_id.clone(), r.timestamp_ms)).or_default().push((r, true));
+    }
+    let mut dead: Vec<(&[u8], bool)> = lake
+        .deadletter
+        .iter()
+        .filter(|d| edgeflow_contract::MarkerKind::from_name(&d.reason).is_none())
+        .map(|d| (d.payload.as_slice(), false))
+        .collect();
+
+    let mut published_keys: HashSet<(String, i64)> = HashSet::new();
+    for p in published {
+        let row = match p.class {
+            Class::Valid => &mut v.valid,
+            Class::Anomaly => &mut v.anomalies,
+            Class::Malformed => &mut v.malformed,
+        };
+        row.published += 1;
+        if p.class == Class::Malformed {
+            if !p.acked {
+                continue;
+            }
+            row.acknowledged += 1;
+            let bytes = p.bytes();
+            let hits: Vec<usize> = dead
+                .iter()
+                .enumerate()
+                .filter(|(_, (d, used))| !used && (*d == bytes.as_slice() || (d.len() < bytes.len() && bytes.starts_with(d))))
+                .map(|(i, _)| i)
+                .collect();
+            match hits.first() {
+                Some(&i) => {
+                    dead[i].1 = true;
+                    row.delivered_once += 1;
+                }
+                None => row.missing += 1,
+            }
+            continue;
+        }
+        let Ok(sent) = serde_json::from_str::<serde_json::Value>(&p.payload) else { continue };
+        let ts = sent["timestamp"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        let key = (sent["device_id"].as_str().unwrap_or_default().to_owned(), ts.map_or(0, |t| t.timestamp_millis()));
+        published_keys.insert(key.clone());
+        if !p.acked {
+            continue;
+        }
+        row.acknowledged += 1;
+        match rows.get(&key).map(Vec::as_slice) {
+            None | Some([]) => row.missing += 1,
+            Some(found) => {
+                if found.len() > 1 {
+                    row.duplicated += 1;
+                } else {
+                    row.delivered_once += 1;
+                }
+                let (r, in_rejected) = found[0];
+                let same = Some(r.temperature) == sent["temperature"].as_f64()
+                    && Some(r.humidity) == sent["humidity"].as_f64()
+                    && Some(r.status.as_str()) == sent["status"].as_str()
+                    && in_rejected == (p.class == Class::Anomaly);
+                if !same {
+                    row.altered += 1;
+                }
+            }
+        }
+    }
+    v.unknown = rows.keys().filter(|k| !published_keys.contains(*k)).count()
+        + dead.iter().filter(|(_, used)| !used).count();
+
+    // Aggregates: recompute per (device, minute) and per minute across devices from the
+    // filtered readings in S3, and compare with the aggregated rows summed over every file.
+    #[derive(Default, Clone, Copy)]
+    struct W {
+        count: i64,
+        t_sum: f64,
+        t_min: f64,
+        t_max: f64,
+        h_sum: f64,
+    }
+    fn add(w: &mut W, count: i64, t_sum: f64, t_min: f64, t_max: f64, h_sum: f64) {
+        if w.count == 0 {
+            w.t_min = t_min;
+            w.t_max = t_max;
+        } else {
+            w.t_min = w.t_min.min(t_min);
+            w.t_max = w.t_max.max(t_max);
+        }
+        w.count += count;
+        w.t_sum += t_sum;
+        w.h_sum += h_sum;
+    }
+    let minute = |ms: i64| ms.div_euclid(60_000) * 60_000;
+    let mut expected: BTreeMap<(Option<String>, i64), W> = BTreeMap::new();
+    for r in &lake.filtered {
+        let m = minute(r.timestamp_ms);
+        for device in [Some(r.device_id.clone()), None] {
+            add(expected.entry((device, m)).or_default(), 1, r.temperature, r.temperature, r.temperature, r.humidity);
+        }
+    }
+    let mut found: BTreeMap<(Option<String>, i64), W> = BTreeMap::new();
+    for a in &lake.aggregated {
+        let n = a.count as f64;
+        add(
+            found.entry((a.device_id.clone(), a.window_start_ms)).or_default(),
+            a.count,
+            a.temperature_avg * n,
+            a.temperature_min,
+            a.temperature_max,
+            a.humidity_avg * n,
+        );
+    }
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1.0);
+    let keys: HashSet<&(Option<String>, i64)> = expected.keys().chain(found.keys()).collect();
+    v.windows_checked = keys.len();
+    for k in keys {
+        let (e, f) = (expected.get(k), found.get(k));
+        let ok = match (e, f) {
+            (Some(e), Some(f)) => {
+                e.count == f.count
+                    && close(e.t_sum, f.t_sum)
+                    && close(e.h_sum, f.h_sum)
+                    && e.t_min == f.t_min
+                    && e.t_max == f.t_max
+            }
+            _ => false,
+        };
+        if !ok {
+            v.window_mismatches += 1;
+        }
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

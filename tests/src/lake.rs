@@ -1,0 +1,189 @@
+//! Reads what the pipeline wrote to S3: every Parquet object under the prefix, by family.
+//!
+//! Independent of the aggregator's code on purpose (only the documented column names are
+//! shared), so the oracle does not inherit a bug of the thing it judges.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int64Type, TimestampMillisecondType};
+use arrow_array::{Array, RecordBatch};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+/// A row of the `filtered` or `rejected` family.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadingRow {
+    pub device_id: String,
+    pub timestamp_ms: i64,
+    pub temperature: f64,
+    pub humidity: f64,
+    pub status: String,
+    pub node_id: String,
+    pub seq: i64,
+    /// `rejected` only.
+    pub reason: Option<String>,
+}
+
+/// A row of the `deadletter` family.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadRow {
+    pub node_id: Option<String>,
+    pub seq: Option<i64>,
+    pub reason: String,
+    pub payload: Vec<u8>,
+}
+
+/// A row of the `aggregated` family.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AggregateRow {
+    pub window_start_ms: i64,
+    /// `None` on the all-devices row.
+    pub device_id: Option<String>,
+    pub temperature_avg: f64,
+    pub temperature_min: f64,
+    pub temperature_max: f64,
+    pub humidity_avg: f64,
+    pub count: i64,
+}
+
+/// Everything under the prefix.
+#[derive(Debug, Clone, Default)]
+pub struct Lake {
+    pub objects: usize,
+    pub bytes: u64,
+    pub filtered: Vec<ReadingRow>,
+    pub rejected: Vec<ReadingRow>,
+    pub deadletter: Vec<DeadRow>,
+    pub aggregated: Vec<AggregateRow>,
+    /// Object keys by family, for reports.
+    pub keys: BTreeMap<String, Vec<String>>,
+}
+
+/// Lists and reads every `.parquet` object under `prefix`.
+pub async fn read(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result<Lake> {
+    let mut lake = Lake::default();
+    let mut token = None;
+    loop {
+        let page = s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(format!("{prefix}/"))
+            .set_continuation_token(token.take())
+            .send()
+            .await
+            .context("listing the bucket")?;
+        for obj in page.contents() {
+            let Some(key) = obj.key() else { continue };
+            if !key.ends_with(".parquet") {
+                continue;
+            }
+            let name = key.rsplit('/').next().unwrap_or(key);
+            let family = name.split('_').next().unwrap_or_default().to_owned();
+            let body = s3.get_object().bucket(bucket).key(key).send().await?.body.collect().await?.into_bytes();
+            lake.objects += 1;
+            lake.bytes += body.len() as u64;
+            lake.keys.entry(family.clone()).or_default().push(key.to_owned());
+            let reader = ParquetRecordBatchReaderBuilder::try_new(body)?.build()?;
+            for batch in reader {
+                let batch = batch?;
+                match family.as_str() {
+                    "filtered" => lake.filtered.extend(readings(&batch, false)?),
+                    "rejected" => lake.rejected.extend(readings(&batch, true)?),
+                    "deadletter" => lake.deadletter.extend(dead(&batch)?),
+                    "aggregated" => lake.aggregated.extend(aggregates(&batch)?),
+                    other => anyhow::bail!("unknown family `{other}` in {key}"),
+                }
+            }
+        }
+        match page.next_continuation_token() {
+            Some(t) => token = Some(t.to_owned()),
+            None => return Ok(lake),
+        }
+    }
+}
+
+fn col<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a dyn Array> {
+    batch.column_by_name(name).map(|c| c.as_ref()).with_context(|| format!("column {name} missing"))
+}
+
+fn strings(batch: &RecordBatch, name: &str) -> Result<Vec<Option<String>>> {
+    let c = col(batch, name)?;
+    let a = c.as_string_opt::<i32>().with_context(|| format!("{name} is not UTF-8"))?;
+    Ok((0..a.len()).map(|i| a.is_valid(i).then(|| a.value(i).to_owned())).collect())
+}
+
+fn floats(batch: &RecordBatch, name: &str) -> Result<Vec<f64>> {
+    let c = col(batch, name)?;
+    let a = c.as_primitive_opt::<Float64Type>().with_context(|| format!("{name} is not a double"))?;
+    Ok(a.values().to_vec())
+}
+
+fn ints(batch: &RecordBatch, name: &str) -> Result<Vec<Option<i64>>> {
+    let c = col(batch, name)?;
+    let a = c.as_primitive_opt::<Int64Type>().with_context(|| format!("{name} is not an int64"))?;
+    Ok((0..a.len()).map(|i| a.is_valid(i).then(|| a.value(i))).collect())
+}
+
+fn timestamps(batch: &RecordBatch, name: &str) -> Result<Vec<i64>> {
+    let c = col(batch, name)?;
+    let a = c
+        .as_primitive_opt::<TimestampMillisecondType>()
+        .with_context(|| format!("{name} is not a millisecond timestamp"))?;
+    Ok(a.values().to_vec())
+}
+
+fn readings(batch: &RecordBatch, rejected: bool) -> Result<Vec<ReadingRow>> {
+    let (device, ts, t, h) =
+        (strings(batch, "DeviceId")?, timestamps(batch, "Timestamp")?, floats(batch, "Temperature")?, floats(batch, "Humidity")?);
+    let (status, node, seq) = (strings(batch, "Status")?, strings(batch, "NodeId")?, ints(batch, "Seq")?);
+    let reason = if rejected { strings(batch, "Reason")? } else { vec![None; batch.num_rows()] };
+    Ok((0..batch.num_rows())
+        .map(|i| ReadingRow {
+            device_id: device[i].clone().unwrap_or_default(),
+            timestamp_ms: ts[i],
+            temperature: t[i],
+            humidity: h[i],
+            status: status[i].clone().unwrap_or_default(),
+            node_id: node[i].clone().unwrap_or_default(),
+            seq: seq[i].unwrap_or(-1),
+            reason: reason[i].clone(),
+        })
+        .collect())
+}
+
+fn dead(batch: &RecordBatch) -> Result<Vec<DeadRow>> {
+    let (node, seq, reason) = (strings(batch, "NodeId")?, ints(batch, "Seq")?, strings(batch, "Reason")?);
+    let c = col(batch, "Payload")?;
+    let payload = c.as_binary_opt::<i32>().context("Payload is not binary")?;
+    Ok((0..batch.num_rows())
+        .map(|i| DeadRow {
+            node_id: node[i].clone(),
+            seq: seq[i],
+            reason: reason[i].clone().unwrap_or_default(),
+            payload: payload.value(i).to_vec(),
+        })
+        .collect())
+}
+
+fn aggregates(batch: &RecordBatch) -> Result<Vec<AggregateRow>> {
+    let (ts, device) = (timestamps(batch, "Timestamp")?, strings(batch, "DeviceId")?);
+    let (t, tmin, tmax, h) = (
+        floats(batch, "Temperature")?,
+        floats(batch, "TemperatureMin")?,
+        floats(batch, "TemperatureMax")?,
+        floats(batch, "Humidity")?,
+    );
+    let count = ints(batch, "Count")?;
+    Ok((0..batch.num_rows())
+        .map(|i| AggregateRow {
+            window_start_ms: ts[i],
+            device_id: device[i].clone(),
+            temperature_avg: t[i],
+            temperature_min: tmin[i],
+            temperature_max: tmax[i],
+            humidity_avg: h[i],
+            count: count[i].unwrap_or(0),
+        })
+        .collect())
+}
