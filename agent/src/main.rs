@@ -170,7 +170,18 @@ fn main() -> ExitCode {
             log,
         } => {
             logging::init("warn", Target::Stderr);
-            let sim = Sim { mqtt, devices, rate, duration, bad_fraction, topic_prefix, device_prefix, seed, clock_offset, log };
+            let sim = Sim {
+                mqtt,
+                devices,
+                rate,
+                duration,
+                bad_fraction,
+                topic_prefix,
+                device_prefix,
+                seed,
+                clock_offset,
+                log,
+            };
             report(simulate(sim))
         }
         Command::Buffer { action } => report(buffer(action)),
@@ -308,7 +319,8 @@ struct Sim {
 }
 
 fn simulate(args: Sim) -> anyhow::Result<()> {
-    let Sim { mqtt, devices, rate, duration, bad_fraction, topic_prefix, device_prefix, seed, clock_offset, log } = args;
+    let Sim { mqtt, devices, rate, duration, bad_fraction, topic_prefix, device_prefix, seed, clock_offset, log } =
+        args;
     let url = url::Url::parse(&mqtt).with_context(|| format!("--mqtt `{mqtt}` is not a URL"))?;
     anyhow::ensure!(matches!(url.scheme(), "mqtt" | "tcp"), "--mqtt must be mqtt://host:port");
     anyhow::ensure!((0.0..=1.0).contains(&bad_fraction), "--bad-fraction must be between 0 and 1");

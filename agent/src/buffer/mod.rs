@@ -39,11 +39,16 @@
 //!   first and alone, since they need the least space — so on a full disk the buffer drains to
 //!   Kafka and frees the room the pending group needs. If a failed commit in fact reached the
 //!   disk, the retry recognises every append as a redelivery (all appends of a retried group are
-//!   checked against the horizon), so nothing is stored twice.
+//!   checked against the horizon), so nothing is stored twice. Because redb writes new pages
+//!   even to delete, a filesystem that is 100% full would refuse those deletions too: a failed
+//!   transaction releases the [`reserve`] file kept next to the buffer, and retried deletions
+//!   commit in bounded chunks, so the buffer drains on a full disk; the reserve is written again
+//!   once there is room.
 //!
 //! See [`store`] for the table layout and [`entry`] for the bytes of one entry.
 
 pub mod entry;
+pub mod reserve;
 pub mod store;
 
 use std::collections::VecDeque;
@@ -94,6 +99,9 @@ pub type Tail = Vec<(u64, Vec<u8>)>;
 /// How many committed groups may wait for the forwarder before the buffer thread stops handing
 /// them over (the forwarder then reads them from the file).
 pub const TAIL_CAPACITY: usize = 4;
+
+/// Most deletions per transaction while retrying after a failed commit (a full disk).
+const DELETE_CHUNK: usize = 1024;
 
 /// Larger groups are not handed over: at such rates the forwarder reads in large chunks anyway,
 /// and this bounds the memory held in hand-overs.
@@ -156,14 +164,16 @@ where
     F: FnMut(Vec<(T, Outcome)>) + Send + 'static,
 {
     let (tx, rx) = flume::unbounded();
+    let reserve = reserve::Reserve::new(store.path(), reserve::RESERVE_BYTES);
     let handle = std::thread::Builder::new()
         .name("buffer".into())
-        .spawn(move || BufferThread { store, opts, metrics, shared, tail, on_commit, rx }.run())?;
+        .spawn(move || BufferThread { store, reserve, opts, metrics, shared, tail, on_commit, rx }.run())?;
     Ok((tx, handle))
 }
 
 struct BufferThread<T, F> {
     store: Store,
+    reserve: reserve::Reserve,
     opts: ThreadOptions,
     metrics: Metrics,
     shared: Arc<Shared>,
@@ -236,15 +246,24 @@ where
                         if retry.take().is_some() {
                             tracing::info!("buffer writable again");
                         }
+                        self.reserve.ensure();
                     }
                     Err(error) => {
                         self.metrics.buffer_commit_errors.inc();
                         self.shared.writable.store(false, Ordering::Relaxed);
                         self.shared.set_error(Some(error.to_string()));
-                        let backoff =
+                        let mut backoff =
                             retry.map_or(Duration::from_millis(100), |(_, b)| (b * 2).min(Duration::from_secs(5)));
                         if retry.is_none() {
                             tracing::error!(%error, pending = waiting.len(), "buffer commit failed; nothing of it was acknowledged; retrying (check the disk under the data directory)");
+                        }
+                        if self.reserve.release() {
+                            // A full disk: the room just freed lets the deletions commit.
+                            tracing::warn!(
+                                reserve = %self.reserve.path().display(),
+                                "released the buffer's disk reserve so delivered entries can be deleted"
+                            );
+                            backoff = Duration::ZERO;
                         }
                         retry = Some((Instant::now() + backoff, backoff));
                     }
@@ -294,10 +313,15 @@ where
             self.store.reopen(now_ms())?;
         }
         if retrying && !deletes.is_empty() {
-            // Deletions alone first: they need the least space, and free pages for the appends.
-            self.store.apply(deletes, &[])?;
-            deletes.clear();
-            self.publish_stats();
+            // Deletions alone first, in bounded chunks: they need the least space, each chunk
+            // frees pages for the next, and what committed stays committed if a later one fails.
+            deletes.sort_unstable();
+            while !deletes.is_empty() {
+                let n = deletes.len().min(DELETE_CHUNK);
+                self.store.apply(&deletes[..n], &[])?;
+                deletes.drain(..n);
+                self.publish_stats();
+            }
         }
         let take = waiting.len().min(self.opts.max_batch);
         let (mut appends, mut tokens): (Vec<Append>, VecDeque<T>) = waiting.drain(..take).unzip();
