@@ -75,6 +75,29 @@ async fn bench(n: u64) -> Result<()> {
         sink.peak_rss_mib
     );
     println!("| Parquet encode (filtered rows, zstd, in memory + file) | 1000000 | {:.0} rows/s | | | |", encode);
+
+    // For BENCHMARKS.md (scripts/bench).
+    let stage = |r: &StageResult, base: f64| {
+        serde_json::json!({
+            "wall_records_per_sec": r.wall_rate,
+            "records_per_cpu_second": r.cpu_rate,
+            "ratio_to_consume_only": r.wall_rate / base,
+            "peak_rss_mib": r.peak_rss_mib,
+        })
+    };
+    let out = serde_json::json!({
+        "records": n,
+        "processed_records": processed,
+        "cores": std::thread::available_parallelism().map_or(0, |p| p.get()),
+        "baseline_consume_raw_per_sec": baseline,
+        "baseline_consume_processed_per_sec": sink_baseline,
+        "process": stage(&process, baseline),
+        "sink": stage(&sink, sink_baseline),
+        "parquet_encode_rows_per_sec": encode,
+    });
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&target)?;
+    std::fs::write(target.join("aggregator.json"), serde_json::to_string_pretty(&out)?)?;
     Ok(())
 }
 

@@ -41,7 +41,11 @@ async fn reference_load_500_msgs_per_second_from_100_devices_on_2_agents() -> an
 
     // Sample the pipeline every second while the devices publish, and until S3 has it all.
     std::fs::create_dir_all(report_dir())?;
-    let path = report_dir().join(if edgeflow_e2e::scenario::full() { "reference-load-full.jsonl" } else { "reference-load.jsonl" });
+    let path = report_dir().join(if edgeflow_e2e::scenario::full() {
+        "reference-load-full.jsonl"
+    } else {
+        "reference-load.jsonl"
+    });
     let mut timeline = std::io::BufWriter::new(std::fs::File::create(&path)?);
     let start = Instant::now();
     let mut peak_lag = 0.0f64;
@@ -54,7 +58,8 @@ async fn reference_load_500_msgs_per_second_from_100_devices_on_2_agents() -> an
     }
     timeline.flush()?;
     let verdict = finish(&stack, publishers, SETTLE).await?;
-    let forwarded: f64 = stack.agents.values().map(|a| a.metric("edgeflow_agent_records_forwarded_total{kind=\"record\"}")).sum();
+    let forwarded: f64 =
+        stack.agents.values().map(|a| a.metric("edgeflow_agent_records_forwarded_total{kind=\"record\"}")).sum();
     eprintln!(
         "reference load: {} readings + {} dead letters through 2 agents in {:?}; {:.0} msg/s into Kafka; peak process lag {peak_lag}; timeline {}",
         verdict.valid.delivered_once + verdict.anomalies.delivered_once,
@@ -63,6 +68,15 @@ async fn reference_load_500_msgs_per_second_from_100_devices_on_2_agents() -> an
         forwarded / duration.as_secs_f64(),
         path.display()
     );
+    let summary = serde_json::json!({
+        "devices": 100,
+        "rate": 500.0,
+        "bad_fraction": 0.02,
+        "duration_s": duration.as_secs_f64(),
+        "verdict": verdict.summary(),
+        "clean": verdict.clean(),
+    });
+    std::fs::write(path.with_extension("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     assert!(verdict.clean());
     Ok(())
 }
@@ -106,7 +120,9 @@ fn resources(s: &Service) -> (u64, f64) {
     let Some(pid) = s.child.pid() else { return (0, 0.0) };
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|t| t.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|t| {
+            t.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .unwrap_or(0)
         * 1024;
     let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -158,7 +174,11 @@ async fn aggregator_cut_off_from_s3_across_an_hour_boundary_then_back() -> anyho
     assert!(errors >= 1.0, "the sealed hour's uploads failed while S3 was away: {errors}");
     stack.s3_proxy.heal();
     let verdict = finish(&stack, publishers, SETTLE).await?;
-    eprintln!("S3 away for {:?} across an hour boundary ({errors} failed uploads retried): {}", heal_at - cut_at, verdict.summary());
+    eprintln!(
+        "S3 away for {:?} across an hour boundary ({errors} failed uploads retried): {}",
+        heal_at - cut_at,
+        verdict.summary()
+    );
     Ok(())
 }
 
@@ -244,7 +264,8 @@ async fn hostile_input_at_ten_percent_is_dead_lettered_and_accounted_for() -> an
     // bad_fraction 0.2: half anomalies (kept as rejected records), half malformed (10%).
     let publishers = vec![stack.publisher("edge", load(20, 300.0, total, 0.2, 9, past(60)))];
     let verdict = finish(&stack, publishers, SETTLE).await?;
-    let share = verdict.malformed.acknowledged as f64 / (verdict.malformed.acknowledged + verdict.valid.acknowledged + verdict.anomalies.acknowledged) as f64;
+    let share = verdict.malformed.acknowledged as f64
+        / (verdict.malformed.acknowledged + verdict.valid.acknowledged + verdict.anomalies.acknowledged) as f64;
     assert!((0.07..0.13).contains(&share), "about 10% malformed: {share}");
     assert_eq!(verdict.malformed.delivered_once, verdict.malformed.acknowledged);
     eprintln!("hostile input ({:.1}% malformed): {}", share * 100.0, verdict.summary());
