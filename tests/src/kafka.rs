@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use edgeflow_testkit::{FaultProxy, Tansu, TansuStorage, free_port};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -86,7 +86,8 @@ pub struct Seen {
 }
 
 /// Tails topics from the beginning on its own thread (counting is by consuming, not by
-/// watermarks: tansu's high watermark can trail what it stores).
+/// watermarks: tansu's high watermark can trail what it stores), skipping the aggregator's
+/// control records.
 #[derive(Debug, Clone)]
 pub struct Tail {
     seen: Arc<Mutex<HashMap<String, Seen>>>,
@@ -115,6 +116,12 @@ impl Tail {
         std::thread::Builder::new().name("e2e-tail".into()).spawn(move || {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                    // The aggregator's control records (ticks, markers) are not data.
+                    let control =
+                        m.headers().is_some_and(|h| h.iter().any(|h| h.key == edgeflow_aggregator::control::HEADER));
+                    if control {
+                        continue;
+                    }
                     let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     seen.entry(m.topic().to_owned()).or_default().messages.push((
                         m.partition(),
@@ -145,4 +152,32 @@ impl Drop for Tail {
             self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
+}
+
+/// Lets two hours pass for the dead letters: appends a tick two hours ahead to every partition
+/// of `raw-data-dlq`, as the aggregator's own idle ticks would once the hour had passed.
+///
+/// Dead letters are filed under the hour the agent received them — the current hour, which
+/// a test or a demo cannot wait out (readings are placed in past hours with the simulator's
+/// clock offset instead). Call once every agent has forwarded everything, so no dead letter of
+/// the current hour arrives after the tick (it would be filed as late, correctly, but its late
+/// file would wait for the next hour boundary).
+pub async fn let_dead_letter_hours_pass(bootstrap: &str) -> Result<()> {
+    use edgeflow_aggregator::control::{ControlKind, HEADER, Tick};
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    let tick = Tick { time_ms: chrono::Utc::now().timestamp_millis() + 2 * 3_600_000 }.to_json();
+    let partitions = TOPICS.iter().find(|(t, _)| *t == "raw-data-dlq").map_or(1, |(_, p)| *p);
+    for partition in 0..partitions {
+        let headers = OwnedHeaders::new().insert(Header { key: HEADER, value: Some(ControlKind::Tick.as_str()) });
+        producer
+            .send(
+                FutureRecord::<(), _>::to("raw-data-dlq").partition(partition).payload(&tick).headers(headers),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    Ok(())
 }

@@ -60,9 +60,22 @@ pub struct Lake {
     pub keys: BTreeMap<String, Vec<String>>,
 }
 
-/// Lists and reads every `.parquet` object under `prefix`.
-pub async fn read(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result<Lake> {
-    let mut lake = Lake::default();
+/// An S3 client for a local S3 API server (path-style, static test credentials).
+pub fn client(endpoint: &str) -> aws_sdk_s3::Client {
+    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .force_path_style(true)
+        .credentials_provider(Credentials::new("e2e", "e2e", None, None, "e2e"))
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// Every key under `prefix/`.
+pub async fn list(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
     let mut token = None;
     loop {
         let page = s3
@@ -73,34 +86,59 @@ pub async fn read(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result
             .send()
             .await
             .context("listing the bucket")?;
-        for obj in page.contents() {
-            let Some(key) = obj.key() else { continue };
-            if !key.ends_with(".parquet") {
-                continue;
-            }
-            let name = key.rsplit('/').next().unwrap_or(key);
-            let family = name.split('_').next().unwrap_or_default().to_owned();
-            let body = s3.get_object().bucket(bucket).key(key).send().await?.body.collect().await?.into_bytes();
-            lake.objects += 1;
-            lake.bytes += body.len() as u64;
-            lake.keys.entry(family.clone()).or_default().push(key.to_owned());
-            let reader = ParquetRecordBatchReaderBuilder::try_new(body)?.build()?;
-            for batch in reader {
-                let batch = batch?;
-                match family.as_str() {
-                    "filtered" => lake.filtered.extend(readings(&batch, false)?),
-                    "rejected" => lake.rejected.extend(readings(&batch, true)?),
-                    "deadletter" => lake.deadletter.extend(dead(&batch)?),
-                    "aggregated" => lake.aggregated.extend(aggregates(&batch)?),
-                    other => anyhow::bail!("unknown family `{other}` in {key}"),
-                }
-            }
-        }
+        keys.extend(page.contents().iter().filter_map(|o| o.key()).map(str::to_owned));
         match page.next_continuation_token() {
             Some(t) => token = Some(t.to_owned()),
-            None => return Ok(lake),
+            None => return Ok(keys),
         }
     }
+}
+
+async fn get(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Result<bytes::Bytes> {
+    let out = s3.get_object().bucket(bucket).key(key).send().await.with_context(|| format!("getting {key}"))?;
+    Ok(out.body.collect().await.with_context(|| format!("reading {key}"))?.into_bytes())
+}
+
+/// Copies every object under `prefix/` to `dir/<key>` (the same layout as the bucket); returns
+/// how many.
+pub async fn mirror(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str, dir: &std::path::Path) -> Result<usize> {
+    let keys = list(s3, bucket, prefix).await?;
+    for key in &keys {
+        let path = dir.join(key);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, get(s3, bucket, key).await?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(keys.len())
+}
+
+/// Lists and reads every `.parquet` object under `prefix`.
+pub async fn read(s3: &aws_sdk_s3::Client, bucket: &str, prefix: &str) -> Result<Lake> {
+    let mut lake = Lake::default();
+    for key in list(s3, bucket, prefix).await? {
+        if !key.ends_with(".parquet") {
+            continue;
+        }
+        let name = key.rsplit('/').next().unwrap_or(&key);
+        let family = name.split('_').next().unwrap_or_default().to_owned();
+        let body = get(s3, bucket, &key).await?;
+        lake.objects += 1;
+        lake.bytes += body.len() as u64;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(body)?.build()?;
+        for batch in reader {
+            let batch = batch?;
+            match family.as_str() {
+                "filtered" => lake.filtered.extend(readings(&batch, false)?),
+                "rejected" => lake.rejected.extend(readings(&batch, true)?),
+                "deadletter" => lake.deadletter.extend(dead(&batch)?),
+                "aggregated" => lake.aggregated.extend(aggregates(&batch)?),
+                other => anyhow::bail!("unknown family `{other}` in {key}"),
+            }
+        }
+        lake.keys.entry(family).or_default().push(key);
+    }
+    Ok(lake)
 }
 
 fn col<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a dyn Array> {
@@ -134,8 +172,12 @@ fn timestamps(batch: &RecordBatch, name: &str) -> Result<Vec<i64>> {
 }
 
 fn readings(batch: &RecordBatch, rejected: bool) -> Result<Vec<ReadingRow>> {
-    let (device, ts, t, h) =
-        (strings(batch, "DeviceId")?, timestamps(batch, "Timestamp")?, floats(batch, "Temperature")?, floats(batch, "Humidity")?);
+    let (device, ts, t, h) = (
+        strings(batch, "DeviceId")?,
+        timestamps(batch, "Timestamp")?,
+        floats(batch, "Temperature")?,
+        floats(batch, "Humidity")?,
+    );
     let (status, node, seq) = (strings(batch, "Status")?, strings(batch, "NodeId")?, ints(batch, "Seq")?);
     let reason = if rejected { strings(batch, "Reason")? } else { vec![None; batch.num_rows()] };
     Ok((0..batch.num_rows())

@@ -278,7 +278,9 @@ pub fn check_pipeline(published: &[Published], lake: &crate::lake::Lake) -> Pipe
             let hits: Vec<usize> = dead
                 .iter()
                 .enumerate()
-                .filter(|(_, (d, used))| !used && (*d == bytes.as_slice() || (d.len() < bytes.len() && bytes.starts_with(d))))
+                .filter(|(_, (d, used))| {
+                    !used && (*d == bytes.as_slice() || (d.len() < bytes.len() && bytes.starts_with(d)))
+                })
                 .map(|(i, _)| i)
                 .collect();
             match hits.first() {
@@ -317,8 +319,8 @@ pub fn check_pipeline(published: &[Published], lake: &crate::lake::Lake) -> Pipe
             }
         }
     }
-    v.unknown = rows.keys().filter(|k| !published_keys.contains(*k)).count()
-        + dead.iter().filter(|(_, used)| !used).count();
+    v.unknown =
+        rows.keys().filter(|k| !published_keys.contains(*k)).count() + dead.iter().filter(|(_, used)| !used).count();
 
     // Aggregates: recompute per (device, minute) and per minute across devices from the
     // filtered readings in S3, and compare with the aggregated rows summed over every file.

@@ -42,7 +42,7 @@ pub async fn finish(
     let started = Instant::now();
     stack.wait_agents_drained(settle)?;
     stack.let_dead_letter_hours_pass().await?;
-    let s3 = stack.s3().await;
+    let s3 = stack.s3();
     let mut last_print = Instant::now();
     let last = loop {
         let lake = crate::lake::read(&s3, BUCKET, PREFIX).await?;
@@ -67,7 +67,10 @@ pub async fn finish(
     }
     eprintln!(
         "verify: ok; {} records in {} objects, {} missing, {} duplicates, {} windows checked",
-        verify["totals"]["records"], verify["objects"], verify["totals"]["missing"], verify["totals"]["duplicates"],
+        verify["totals"]["records"],
+        verify["objects"],
+        verify["totals"]["missing"],
+        verify["totals"]["duplicates"],
         verify["aggregates"]["windows_checked"]
     );
     Ok(last)

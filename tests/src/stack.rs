@@ -16,9 +16,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use edgeflow_runtime::CancellationToken;
-use edgeflow_testkit::{FaultProxy, Moto, Mosquitto, Service, Tansu, TansuStorage, free_port};
+use edgeflow_testkit::{FaultProxy, Mosquitto, Moto, Service, Tansu, TansuStorage, free_port};
 use tempfile::TempDir;
 
 pub const BUCKET: &str = "edgeflow-e2e";
@@ -41,7 +40,10 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     let dir = exe.parent().and_then(Path::parent).context("test executable has no target directory")?;
     let path = dir.join(name);
     if !path.is_file() {
-        bail!("{} is missing: build the workspace first (`cargo build --workspace`; scripts/test does)", path.display());
+        bail!(
+            "{} is missing: build the workspace first (`cargo build --workspace`; scripts/test does)",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -90,7 +92,7 @@ impl Stack {
             agent_bin: binary("edgeflow-agent")?,
             aggregator_bin: binary("edgeflow-aggregator")?,
         };
-        let s3 = stack.s3().await;
+        let s3 = stack.s3();
         let mut attempt = 0;
         while let Err(e) = s3.create_bucket().bucket(BUCKET).send().await {
             attempt += 1;
@@ -103,15 +105,8 @@ impl Stack {
     }
 
     /// An S3 client straight to moto (not through the proxy): the oracle's view.
-    pub async fn s3(&self) -> aws_sdk_s3::Client {
-        let conf = aws_sdk_s3::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .endpoint_url(self.moto.endpoint())
-            .force_path_style(true)
-            .credentials_provider(Credentials::new("e2e", "e2e", None, None, "e2e"))
-            .build();
-        aws_sdk_s3::Client::from_conf(conf)
+    pub fn s3(&self) -> aws_sdk_s3::Client {
+        crate::lake::client(&self.moto.endpoint())
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -121,25 +116,17 @@ impl Stack {
     /// Starts (or restarts) the agent of `node`; `extra` is appended to its configuration.
     pub fn start_agent(&mut self, node: &str, extra: &str) -> Result<()> {
         let config = self.path(&format!("agent-{node}.toml"));
-        let port = match self.agents.remove(node) {
-            Some(mut old) => {
-                old.kill9();
-                old.port
-            }
-            None => {
-                let port = free_port();
-                let text = format!(
-                    "node_id = \"{node}\"\ndata_dir = \"{}\"\nshutdown_timeout = \"10s\"\n\
-                     [mqtt]\nurl = \"{}\"\ntopics = [\"{node}/devices/+/telemetry\"]\nkeep_alive = \"5s\"\n\
-                     reconnect_backoff_max = \"1s\"\n[kafka]\nbrokers = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n{extra}",
-                    self.path(&format!("agent-{node}")).display(),
-                    self.mosquitto.url(),
-                    self.tansu.bootstrap(),
-                );
-                std::fs::write(&config, text)?;
-                port
-            }
+        let (data_dir, mqtt, kafka) =
+            (self.path(&format!("agent-{node}")), self.mosquitto.url(), self.tansu.bootstrap());
+        let text = |port: u16| {
+            format!(
+                "node_id = \"{node}\"\ndata_dir = \"{}\"\nshutdown_timeout = \"10s\"\n\
+                 [mqtt]\nurl = \"{mqtt}\"\ntopics = [\"{node}/devices/+/telemetry\"]\nkeep_alive = \"5s\"\n\
+                 reconnect_backoff_max = \"1s\"\n[kafka]\nbrokers = \"{kafka}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n{extra}",
+                data_dir.display(),
+            )
         };
+        let port = restart_port(&mut self.agents, node, &config, text)?;
         let service = Service::start(&self.agent_bin, &["run"], &config, port, &[])?;
         self.agents.insert(node.to_owned(), service);
         Ok(())
@@ -148,37 +135,32 @@ impl Stack {
     /// Starts (or restarts) aggregator `name` running both stages.
     pub fn start_aggregator(&mut self, name: &str) -> Result<()> {
         let config = self.path(&format!("aggregator-{name}.toml"));
-        let port = match self.aggregators.remove(name) {
-            Some(mut old) => {
-                old.kill9();
-                old.port
-            }
-            None => {
-                let port = free_port();
-                let text = format!(
-                    "[kafka]\nbrokers = \"{}\"\ngroup_id = \"e2e\"\n\
-                     [kafka.properties]\n\"session.timeout.ms\" = \"{}\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
-                     [process]\nallowed_lateness = \"5s\"\ncheckpoint_interval = \"2s\"\nidle_timeout = \"8s\"\n\
-                     [sink]\nspool_dir = \"{}\"\nseal_grace = \"10s\"\nidle_timeout = \"8s\"\ncheckpoint_interval = \"2s\"\n\
-                     [s3]\nbucket = \"{BUCKET}\"\nprefix = \"{PREFIX}\"\nregion = \"us-east-1\"\n\
-                     endpoint_url = \"http://127.0.0.1:{}\"\nforce_path_style = true\n\
-                     [metrics]\nlisten = \"127.0.0.1:{port}\"\n",
-                    self.tansu.bootstrap(),
-                    SESSION_TIMEOUT.as_millis(),
-                    self.path(&format!("spool-{name}")).display(),
-                    self.s3_proxy.port,
-                );
-                std::fs::write(&config, text)?;
-                port
-            }
+        let (kafka, spool, s3_port) = (self.tansu.bootstrap(), self.path(&format!("spool-{name}")), self.s3_proxy.port);
+        let text = |port: u16| {
+            format!(
+                "[kafka]\nbrokers = \"{kafka}\"\ngroup_id = \"e2e\"\n\
+                 [kafka.properties]\n\"session.timeout.ms\" = \"{}\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
+                 [process]\nallowed_lateness = \"5s\"\ncheckpoint_interval = \"2s\"\nidle_timeout = \"8s\"\n\
+                 [sink]\nspool_dir = \"{}\"\nseal_grace = \"10s\"\nidle_timeout = \"8s\"\ncheckpoint_interval = \"2s\"\n\
+                 [s3]\nbucket = \"{BUCKET}\"\nprefix = \"{PREFIX}\"\nregion = \"us-east-1\"\n\
+                 endpoint_url = \"http://127.0.0.1:{s3_port}\"\nforce_path_style = true\n\
+                 [metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+                SESSION_TIMEOUT.as_millis(),
+                spool.display(),
+            )
         };
+        let port = restart_port(&mut self.aggregators, name, &config, text)?;
         let service = Service::start(&self.aggregator_bin, &["run"], &config, port, AWS_ENV)?;
         self.aggregators.insert(name.to_owned(), service);
         Ok(())
     }
 
     /// Devices of `node` publishing in the background; their log is `publisher(..).1`.
-    pub fn publisher(&self, node: &str, load: Load) -> (tokio::task::JoinHandle<Result<edgeflow_agent::simulate::Report>>, PathBuf) {
+    pub fn publisher(
+        &self,
+        node: &str,
+        load: Load,
+    ) -> (tokio::task::JoinHandle<Result<edgeflow_agent::simulate::Report>>, PathBuf) {
         let log = self.path(&format!("published-{node}-{}.jsonl", load.seed));
         let sim = edgeflow_agent::simulate::Simulation {
             mqtt_host: "127.0.0.1".into(),
@@ -227,24 +209,7 @@ impl Stack {
     /// the current hour arrives after the tick (it would be filed as late, correctly, but its
     /// late file would wait for the next hour boundary).
     pub async fn let_dead_letter_hours_pass(&self) -> Result<()> {
-        use edgeflow_aggregator::control::{ControlKind, HEADER, Tick};
-        use rdkafka::message::{Header, OwnedHeaders};
-        use rdkafka::producer::{FutureProducer, FutureRecord};
-        let producer: FutureProducer =
-            rdkafka::ClientConfig::new().set("bootstrap.servers", self.tansu.bootstrap()).create()?;
-        let tick = Tick { time_ms: chrono::Utc::now().timestamp_millis() + 2 * 3_600_000 }.to_json();
-        let partitions = crate::kafka::TOPICS.iter().find(|(t, _)| *t == "raw-data-dlq").map_or(1, |(_, p)| *p);
-        for partition in 0..partitions {
-            let headers = OwnedHeaders::new().insert(Header { key: HEADER, value: Some(ControlKind::Tick.as_str()) });
-            producer
-                .send(
-                    FutureRecord::<(), _>::to("raw-data-dlq").partition(partition).payload(&tick).headers(headers),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map_err(|(e, _)| e)?;
-        }
-        Ok(())
+        crate::kafka::let_dead_letter_hours_pass(&self.tansu.bootstrap()).await
     }
 
     /// Waits until every agent has forwarded everything it buffered.
@@ -263,6 +228,24 @@ impl Stack {
         }
         out
     }
+}
+
+/// The status port for (re)starting process `name`: a running one is killed with SIGKILL and
+/// its port and configuration reused; a new one gets a free port and `config` written from
+/// `text(port)`.
+fn restart_port(
+    running: &mut BTreeMap<String, Service>,
+    name: &str,
+    config: &Path,
+    text: impl FnOnce(u16) -> String,
+) -> Result<u16> {
+    if let Some(mut old) = running.remove(name) {
+        old.kill9();
+        return Ok(old.port);
+    }
+    let port = free_port();
+    std::fs::write(config, text(port))?;
+    Ok(port)
 }
 
 /// What one node's devices publish.
