@@ -238,10 +238,10 @@ pub fn check_pipeline(published: &[Published], lake: &crate::lake::Lake) -> Pipe
         }
     }
     for d in &lake.deadletter {
-        if let (Some(n), Some(s)) = (&d.node_id, d.seq) {
-            if !ids.insert((n.clone(), s)) {
-                id_dups += 1;
-            }
+        if let (Some(n), Some(s)) = (&d.node_id, d.seq)
+            && !ids.insert((n.clone(), s))
+        {
+            id_dups += 1;
         }
     }
     v.seq_duplicates = id_dups;
