@@ -56,6 +56,10 @@ impl Status for AgentStatus {
         };
         let buffer_detail = match (writable, blocked, self.buffer.last_error()) {
             (false, _, e) => format!("not writable: {}", e.unwrap_or_default()),
+            (true, true, _) if self.buffer.disk_full.load(Ordering::Relaxed) => format!(
+                "disk full ({} entries, {} bytes buffered): holding MQTT acknowledgements until Kafka drains it",
+                stats.count, stats.bytes
+            ),
             (true, true, _) => format!("full ({} of {} bytes): holding MQTT acknowledgements", stats.bytes, self.quota),
             (true, false, _) => format!("{} entries, {} of {} bytes", stats.count, stats.bytes, self.quota),
         };

@@ -54,7 +54,9 @@ async fn a_full_disk_holds_acknowledgements_and_recovers_when_kafka_drains_the_b
     agent.wait_metric("edgeflow_agent_buffer_commit_errors_total", Duration::from_secs(30), |v| v >= 1.0)?;
     let (code, body) = http_get(port, "/readyz")?;
     assert_eq!(code, 503);
-    assert!(body.contains("[-] buffer: not writable"), "{body}");
+    // Either the failed commit is being retried, or the buffer holds appends back to keep room
+    // for the deletions that will free space.
+    assert!(body.contains("[-] buffer: not writable") || body.contains("[-] buffer: disk full"), "{body}");
     assert_eq!(http_get(port, "/healthz")?.0, 200, "a full disk is not a wedged process");
     let committed = agent.metric("edgeflow_agent_records_committed_total");
     assert!(committed < acked.len() as f64, "the broker must be holding what did not fit");

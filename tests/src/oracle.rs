@@ -208,8 +208,24 @@ impl PipelineVerdict {
             && self.valid.acknowledged + self.anomalies.acknowledged > 0
     }
 
-    /// One line, for logs and progress.
+    /// One line, for logs and progress; classes with a problem are detailed.
     pub fn summary(&self) -> String {
+        let mut detail = String::new();
+        for (name, r) in [("valid", &self.valid), ("anomalies", &self.anomalies), ("malformed", &self.malformed)] {
+            if r.missing + r.duplicated + r.altered > 0 {
+                detail.push_str(&format!(
+                    "; {name}: {} missing, {} duplicated, {} altered",
+                    r.missing, r.duplicated, r.altered
+                ));
+            }
+        }
+        if self.seq_duplicates > 0 {
+            detail.push_str(&format!("; {} (node_id, seq) repeated", self.seq_duplicates));
+        }
+        format!("{}{detail}", self.summary_line())
+    }
+
+    fn summary_line(&self) -> String {
         format!(
             "{} missing, {} duplicate ({} valid, {} anomalies, {} malformed delivered once; {} unknown; {} of {} windows mismatched)",
             self.missing(),
@@ -262,6 +278,7 @@ pub fn check_pipeline(published: &[Published], lake: &crate::lake::Lake) -> Pipe
         .collect();
 
     let mut published_keys: HashSet<(String, i64)> = HashSet::new();
+    let mut used: HashMap<(String, i64), Vec<bool>> = HashMap::new();
     for p in published {
         let row = match p.class {
             Class::Valid => &mut v.valid,
@@ -296,26 +313,41 @@ pub fn check_pipeline(published: &[Published], lake: &crate::lake::Lake) -> Pipe
         let ts = sent["timestamp"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
         let key = (sent["device_id"].as_str().unwrap_or_default().to_owned(), ts.map_or(0, |t| t.timestamp_millis()));
         published_keys.insert(key.clone());
-        if !p.acked {
-            continue;
+        if p.acked {
+            row.acknowledged += 1;
         }
-        row.acknowledged += 1;
-        match rows.get(&key).map(Vec::as_slice) {
-            None | Some([]) => row.missing += 1,
-            Some(found) => {
-                if found.len() > 1 {
-                    row.duplicated += 1;
-                } else {
-                    row.delivered_once += 1;
-                }
-                let (r, in_rejected) = found[0];
-                let same = Some(r.temperature) == sent["temperature"].as_f64()
-                    && Some(r.humidity) == sent["humidity"].as_f64()
-                    && Some(r.status.as_str()) == sent["status"].as_str()
-                    && in_rejected == (p.class == Class::Anomaly);
-                if !same {
-                    row.altered += 1;
-                }
+        // A device can publish twice within one millisecond (S3 keeps milliseconds): match
+        // the row with the same values first, then any row of the key not matched yet.
+        let found = rows.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let taken = used.entry(key).or_insert_with(|| vec![false; found.len()]);
+        let same = |(r, in_rejected): &(&crate::lake::ReadingRow, bool)| {
+            Some(r.temperature) == sent["temperature"].as_f64()
+                && Some(r.humidity) == sent["humidity"].as_f64()
+                && Some(r.status.as_str()) == sent["status"].as_str()
+                && *in_rejected == (p.class == Class::Anomaly)
+        };
+        let exact = (0..found.len()).find(|&i| !taken[i] && same(&found[i]));
+        let other = (0..found.len()).find(|&i| !taken[i]);
+        match (exact, other) {
+            (Some(i), _) => {
+                taken[i] = true;
+                row.delivered_once += usize::from(p.acked);
+            }
+            (None, Some(i)) => {
+                taken[i] = true;
+                row.delivered_once += usize::from(p.acked);
+                row.altered += usize::from(p.acked);
+            }
+            // An unacknowledged message may or may not have arrived.
+            (None, None) => row.missing += usize::from(p.acked),
+        }
+    }
+    // Rows left over under a published key are second copies.
+    for (key, taken) in &used {
+        for (i, t) in taken.iter().enumerate() {
+            if !t {
+                let in_rejected = rows[key][i].1;
+                if in_rejected { v.anomalies.duplicated += 1 } else { v.valid.duplicated += 1 }
             }
         }
     }
@@ -437,5 +469,45 @@ mod tests {
         assert_eq!(stranger.unknown, 1);
         let conflict = check_edge(&p, &[record(A, 1), record(B, 1)], &[]);
         assert_eq!(conflict.seq_conflicts, 1);
+    }
+
+    fn row(payload: &str, seq: i64) -> crate::lake::ReadingRow {
+        let v: serde_json::Value = serde_json::from_str(payload).expect("json");
+        let ts = chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().expect("ts")).expect("rfc3339");
+        crate::lake::ReadingRow {
+            device_id: "d".into(),
+            timestamp_ms: ts.timestamp_millis(),
+            temperature: v["temperature"].as_f64().expect("t"),
+            humidity: v["humidity"].as_f64().expect("h"),
+            status: "OK".into(),
+            node_id: "n".into(),
+            seq,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn two_readings_in_one_millisecond_are_two_readings_and_a_second_copy_is_a_duplicate() {
+        // S3 keeps milliseconds: these two differ only in microseconds and temperature.
+        let c =
+            r#"{"device_id":"d","timestamp":"2024-01-01T00:00:00.000100Z","temperature":1,"humidity":2,"status":"OK"}"#;
+        let d =
+            r#"{"device_id":"d","timestamp":"2024-01-01T00:00:00.000900Z","temperature":5,"humidity":2,"status":"OK"}"#;
+        let p = vec![published(0, Class::Valid, c), published(1, Class::Valid, d)];
+        // In S3 in the other order.
+        let lake = crate::lake::Lake { filtered: vec![row(d, 2), row(c, 1)], ..Default::default() };
+        let v = check_pipeline(&p, &lake);
+        assert_eq!(
+            (v.valid.delivered_once, v.valid.duplicated, v.valid.altered, v.valid.missing),
+            (2, 0, 0, 0),
+            "{v:?}"
+        );
+        let lake = crate::lake::Lake { filtered: vec![row(d, 2), row(c, 1), row(c, 3)], ..Default::default() };
+        let v = check_pipeline(&p, &lake);
+        assert_eq!(v.valid.duplicated, 1, "{v:?}");
+        assert!(!v.clean());
+        let lake = crate::lake::Lake { filtered: vec![row(c, 1)], ..Default::default() };
+        let v = check_pipeline(&p, &lake);
+        assert_eq!(v.missing(), 1, "{v:?}");
     }
 }

@@ -72,7 +72,12 @@ impl Stack {
     /// Starts mosquitto, tansu (behind the Kafka proxy) with the topics, and moto (behind the S3
     /// proxy) with the bucket.
     pub async fn start(storage: TansuStorage) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("edgeflow-e2e").tempdir()?;
+        // `E2E_KEEP=1` keeps the run's directory (configurations, logs, buffers, simulator logs).
+        let keep = std::env::var("E2E_KEEP").is_ok_and(|v| v == "1");
+        let dir = tempfile::Builder::new().prefix("edgeflow-e2e").disable_cleanup(keep).tempdir()?;
+        if keep {
+            eprintln!("run directory (kept): {}", dir.path().display());
+        }
         let mosquitto = Mosquitto::start()?;
         let listen = free_port();
         let kafka_proxy = FaultProxy::start(0, listen)?;

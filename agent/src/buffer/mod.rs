@@ -41,12 +41,16 @@
 //!   disk, the retry recognises every append as a redelivery (all appends of a retried group are
 //!   checked against the horizon), so nothing is stored twice. Because redb writes new pages
 //!   even to delete, a filesystem that is 100% full would refuse those deletions too: a failed
-//!   transaction releases the [`reserve`] file kept next to the buffer, and retried deletions
-//!   commit in bounded chunks, so the buffer drains on a full disk; the reserve is written again
-//!   once there is room.
+//!   transaction releases the [`reserve`] file kept next to the buffer, retried deletions
+//!   commit in bounded chunks, and appends are held back (no PUBACK) while they would leave less
+//!   than a guard of free room inside the file ([`Store::set_disk_guard`]), so deletions always
+//!   find pages and the buffer drains on a full disk. The file's growth allocates its blocks
+//!   ([`backend`]), so a page inside it never hits ENOSPC. The reserve is written again, and the
+//!   guard lifted, once the filesystem has room.
 //!
 //! See [`store`] for the table layout and [`entry`] for the bytes of one entry.
 
+pub mod backend;
 pub mod entry;
 pub mod reserve;
 pub mod store;
@@ -88,6 +92,8 @@ pub struct Shared {
     pub writable: AtomicBool,
     /// Whether appends are waiting for room.
     pub blocked: AtomicBool,
+    /// Whether the filesystem under the buffer ran out of space and has not had room since.
+    pub disk_full: AtomicBool,
     last_error: Mutex<Option<String>>,
     /// Wakes the forwarder after each commit that added entries.
     pub committed: tokio::sync::Notify,
@@ -99,6 +105,9 @@ pub type Tail = Vec<(u64, Vec<u8>)>;
 /// How many committed groups may wait for the forwarder before the buffer thread stops handing
 /// them over (the forwarder then reads them from the file).
 pub const TAIL_CAPACITY: usize = 4;
+
+/// Room kept free inside the buffer file for deletions once the disk has filled up.
+const DISK_GUARD: u64 = 256 * 1024;
 
 /// Most deletions per transaction while retrying after a failed commit (a full disk).
 const DELETE_CHUNK: usize = 1024;
@@ -246,7 +255,12 @@ where
                         if retry.take().is_some() {
                             tracing::info!("buffer writable again");
                         }
-                        self.reserve.ensure();
+                        let had_reserve = self.reserve.is_present();
+                        if self.reserve.ensure() && !had_reserve && self.store.disk_guard().is_some() {
+                            self.store.set_disk_guard(None);
+                            self.shared.disk_full.store(false, Ordering::Relaxed);
+                            tracing::info!("the disk has room again: the buffer's reserve is back");
+                        }
                     }
                     Err(error) => {
                         self.metrics.buffer_commit_errors.inc();
@@ -257,6 +271,9 @@ where
                         if retry.is_none() {
                             tracing::error!(%error, pending = waiting.len(), "buffer commit failed; nothing of it was acknowledged; retrying (check the disk under the data directory)");
                         }
+                        // Keep room in the file for deletions until the disk has space again.
+                        self.store.set_disk_guard(Some(DISK_GUARD));
+                        self.shared.disk_full.store(true, Ordering::Relaxed);
                         if self.reserve.release() {
                             // A full disk: the room just freed lets the deletions commit.
                             tracing::warn!(
@@ -377,6 +394,7 @@ where
             if blocked {
                 tracing::warn!(
                     buffered_bytes = self.store.stats().bytes,
+                    full = if self.store.disk_guard().is_some() { "disk" } else { "quota" },
                     "buffer full: holding MQTT acknowledgements until Kafka drains it"
                 );
             } else {

@@ -197,6 +197,9 @@ pub struct Store {
     stats: Stats,
     /// natural hash -> (payload hash, seq), mirrors `recent`.
     dedup: DedupMap,
+    /// After the filesystem ran out of space: room (bytes) to keep free inside the file for
+    /// deletions, which appends may not use (see [`Store::set_disk_guard`]).
+    disk_guard: Option<u64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -217,6 +220,7 @@ impl Store {
             db: None,
             stats: Stats::default(),
             dedup: DedupMap::default(),
+            disk_guard: None,
         };
         let opened = contained(|| store.open_db(now_ms))?;
         Ok((store, opened))
@@ -225,10 +229,13 @@ impl Store {
     fn open_db(&mut self, now_ms: i64) -> Result<Opened, StoreError> {
         self.db = None;
         let existed = self.path.exists();
-        let mut db = Database::builder()
-            .set_cache_size(self.opts.cache_bytes)
-            .create(&self.path)
-            .map_err(|source| StoreError::Open { path: self.path.clone(), source })?;
+        let open = || -> Result<Database, redb::DatabaseError> {
+            let file =
+                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&self.path)?;
+            let backend = super::backend::AllocatingBackend::new(file)?;
+            Database::builder().set_cache_size(self.opts.cache_bytes).create_with_backend(backend)
+        };
+        let mut db = open().map_err(|source| StoreError::Open { path: self.path.clone(), source })?;
         if existed {
             // Refuse a damaged file at start rather than fail on it mid-stream.
             check_integrity(&mut db)?;
@@ -340,6 +347,7 @@ impl Store {
             db: Some(db),
             stats: Stats::default(),
             dedup: DedupMap::default(),
+            disk_guard: None,
         };
         store.load()?;
         Ok(store)
@@ -406,6 +414,20 @@ impl Store {
 
     /// Applies one group commit: delete delivered entries, then append in order. Durable when it
     /// returns `Ok`. On `Err` nothing is acknowledged and the store must be reopened.
+    /// Once the filesystem has run out of space the file cannot grow, and every transaction —
+    /// even one that only deletes — needs free pages inside it (redb copies on write). With a
+    /// guard set, appends that would leave less than `margin` bytes free in the file are
+    /// deferred like appends over the quota, so the deletions that follow Kafka's
+    /// acknowledgements always find room. Costs a walk of the file's trees per transaction with
+    /// appends, so it is set only while the disk is short of space.
+    pub fn set_disk_guard(&mut self, margin: Option<u64>) {
+        self.disk_guard = margin;
+    }
+
+    pub fn disk_guard(&self) -> Option<u64> {
+        self.disk_guard
+    }
+
     pub fn apply(&mut self, deletes: &[u64], appends: &[Append]) -> Result<Applied, StoreError> {
         let result = self.try_apply(deletes, appends);
         if result.is_err() {
@@ -432,6 +454,16 @@ impl Store {
                 }
             }
             let mut blocked = false;
+            // Room inside the file that appends may use, with a guard set.
+            let mut room = match self.disk_guard {
+                Some(margin) if !appends.is_empty() => {
+                    let db_stats = txn.stats().map_err(txn_err)?;
+                    let used = db_stats.allocated_pages() * db_stats.page_size() as u64;
+                    let len = std::fs::metadata(&self.path).map_err(|e| txn_err(redb::StorageError::from(e)))?.len();
+                    Some(len.saturating_sub(used).saturating_sub(margin))
+                }
+                _ => None,
+            };
             let mut value = Vec::with_capacity(256);
             for append in appends {
                 if blocked {
@@ -475,6 +507,15 @@ impl Store {
                     }
                 };
                 let need = cost(bytes.len());
+                if let Some(room) = room.as_mut() {
+                    // Twice the entry: its leaf space, the dedup index, and page slack.
+                    if *room < 2 * need {
+                        blocked = true;
+                        applied.outcomes.push(Outcome::Deferred);
+                        continue;
+                    }
+                    *room -= 2 * need;
+                }
                 if stats.bytes + need > self.opts.max_bytes {
                     match self.opts.when_full {
                         WhenFull::Block => {
@@ -647,6 +688,24 @@ mod tests {
 
     fn seqs(applied: &Applied) -> Vec<Outcome> {
         applied.outcomes.clone()
+    }
+
+    #[test]
+    fn a_disk_guard_defers_appends_that_would_eat_the_room_kept_for_deletions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) = open(dir.path(), opts(1 << 30, WhenFull::Block));
+        // A margin larger than the file: no room for any append.
+        store.set_disk_guard(Some(1 << 40));
+        let applied = store.apply(&[], &[record("d", 1, 1), record("d", 2, 2)]).expect("commit");
+        assert_eq!(seqs(&applied), vec![Outcome::Deferred, Outcome::Deferred]);
+        // A small margin in a file with free pages: appends fit.
+        store.set_disk_guard(Some(0));
+        let len = std::fs::metadata(store.path()).expect("stat").len();
+        let applied = store.apply(&[], &[record("d", 1, 1)]).expect("commit");
+        assert!(matches!(seqs(&applied)[..], [Outcome::Stored { .. }]), "file of {len} bytes: {:?}", seqs(&applied));
+        store.set_disk_guard(None);
+        let applied = store.apply(&[], &[record("d", 2, 2)]).expect("commit");
+        assert!(matches!(seqs(&applied)[..], [Outcome::Stored { .. }]));
     }
 
     #[test]
