@@ -41,6 +41,7 @@ def main():
     agent = load("target/bench/agent.json")
     agg = load("target/bench/aggregator.json")
     machine = load("target/bench/machine.json")
+    profile = load("target/bench/profile.json")["profile"]
     samples = timeline(f"target/e2e/{timeline_name}")
     ref = load(f"target/e2e/{timeline_name.replace('.jsonl', '.summary.json')}")
 
@@ -74,17 +75,17 @@ def main():
 
 Written by `scripts/bench` ({machine["date"]}); every figure comes from that run. Machines here are noisy, so each
 throughput is also given as a ratio to a baseline measured in the same run, on the same machine, against the same
-servers. Rerun with `scripts/bench` (about 40 minutes; `scripts/bench --quick` runs the reference load for 60 s).
+servers. Rerun with `scripts/bench` (about 30 minutes; `scripts/bench --quick` runs the reference load for 60 s).
 
 **Machine:** {machine["cpu"]}, {machine["cores"]} cores, {machine["memory_gib"]:.0f} GiB, {machine["os"]}, kernel
 {machine["kernel"]}, {machine["rustc"]}. Servers: mosquitto {machine["mosquitto"]}, tansu {machine["tansu"]} (Kafka
-protocol), moto {machine["moto"]} (S3). Binaries built with the release profile (fat LTO, one codegen unit).
+protocol), moto {machine["moto"]} (S3). Binaries built with the `{profile}` profile ({"release optimisations with thin LTO; the packages use fat LTO and one codegen unit" if profile == "demo" else "fat LTO, one codegen unit, as packaged"}).
 
 ## Reference load (issue 7, scenario 1)
 
 {ref["devices"]} devices on {len(agents)} agents publish {ref["rate"]:.0f} msg/s for {published_for:.0f} s
 ({ref["bad_fraction"] * 100:.0f}% bad) through mosquitto → 2 agents → tansu → one aggregator (both stages) → moto, the
-release binaries as separate processes. One sample per second of every process's metrics, memory and CPU time.
+binaries as separate processes. One sample per second of every process's metrics, memory and CPU time.
 
 ![throughput, lag and memory over the reference load](docs/benchmarks-reference-load.png)
 
@@ -119,7 +120,7 @@ release binaries as separate processes. One sample per second of every process's
 ## Aggregator (issue 3): `cargo bench -p edgeflow-aggregator --bench throughput`
 
 A `raw-data` backlog of {agg["records"]:,} records (200 devices, 4 nodes, 4 partitions) replayed through each stage, the
-release binary against tansu and moto. Baseline: an rdkafka consumer reading the same topic, doing nothing else, in the
+binary against tansu and moto. Baseline: an rdkafka consumer reading the same topic, doing nothing else, in the
 same run.
 
 | measure | wall rate | per CPU-second | ratio to consume-only | peak RSS |

@@ -148,8 +148,12 @@ pub fn message(
 /// Runs the simulation until its duration ends or `shutdown`; waits briefly for the last
 /// acknowledgements.
 pub async fn run(sim: Simulation, shutdown: CancellationToken) -> anyhow::Result<Report> {
-    let mut opts =
-        MqttOptions::new(format!("edgeflow-simulator-{}", std::process::id()), sim.mqtt_host.clone(), sim.mqtt_port);
+    // A client id of its own: two connections with one id take the session from each other,
+    // and the broker drops what was in flight on the one it disconnects.
+    static INSTANCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let instance = INSTANCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let client_id = format!("edgeflow-simulator-{}-{instance}", std::process::id());
+    let mut opts = MqttOptions::new(client_id, sim.mqtt_host.clone(), sim.mqtt_port);
     opts.set_keep_alive(Duration::from_secs(30)).set_clean_start(true).set_max_packet_size(Some(1 << 20));
     let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
     // The event loop runs on its own task: `poll` must not be cancelled mid-write.
@@ -177,6 +181,7 @@ pub async fn run(sim: Simulation, shutdown: CancellationToken) -> anyhow::Result
     // Outgoing publishes get their packet id in order; PUBACKs come back by packet id.
     let mut sent: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
     let mut pending: HashMap<u16, u64> = HashMap::new();
+    let mut collided: Option<(u16, u64)> = None;
     let mut acked: Vec<bool> = Vec::new();
     let mut lines: Vec<(String, Class, Vec<u8>)> = Vec::new();
 
@@ -250,9 +255,23 @@ pub async fn run(sim: Simulation, shutdown: CancellationToken) -> anyhow::Result
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => connected = true,
+            // rumqttc numbers publishes as it takes them from the request queue. A retransmission
+            // after a reconnect repeats a packet id that is still pending. A publish whose packet
+            // id is still in flight (the broker acked out of order) is held back with `AwaitAck`
+            // and sent — `Publish` with that id — once its predecessor's PUBACK arrives; if the
+            // connection drops first, rumqttc forgets it, and it stays unacknowledged here.
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                if let Some(n) = sent.pop_front() {
+                if pending.contains_key(&pkid) {
+                    // A retransmission of a message already attributed.
+                } else if let Some((_, n)) = collided.take_if(|(c, _)| *c == pkid) {
                     pending.insert(pkid, n);
+                } else if let Some(n) = sent.pop_front() {
+                    pending.insert(pkid, n);
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+                if let Some(n) = sent.pop_front() {
+                    collided = Some((pkid, n));
                 }
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
@@ -264,6 +283,7 @@ pub async fn run(sim: Simulation, shutdown: CancellationToken) -> anyhow::Result
             Ok(_) => {}
             Err(error) => {
                 connected = false;
+                collided = None;
                 tracing::warn!(%error, "simulator lost the MQTT connection; reconnecting");
             }
         }

@@ -185,6 +185,8 @@ pub struct PipelineVerdict {
     pub window_mismatches: usize,
     /// Parquet objects read.
     pub objects: usize,
+    /// `(device_id, timestamp)` of the first missing readings, for diagnosis.
+    pub missing_examples: Vec<(String, String)>,
 }
 
 impl PipelineVerdict {
@@ -339,7 +341,13 @@ pub fn check_pipeline(published: &[Published], lake: &crate::lake::Lake) -> Pipe
                 row.altered += usize::from(p.acked);
             }
             // An unacknowledged message may or may not have arrived.
-            (None, None) => row.missing += usize::from(p.acked),
+            (None, None) => {
+                row.missing += usize::from(p.acked);
+                if p.acked && v.missing_examples.len() < 20 {
+                    let text = |k: &str| sent[k].as_str().unwrap_or_default().to_owned();
+                    v.missing_examples.push((text("device_id"), text("timestamp")));
+                }
+            }
         }
     }
     // Rows left over under a published key are second copies.

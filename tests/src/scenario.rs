@@ -52,7 +52,12 @@ pub async fn finish(
         }
         let last = verdict;
         if started.elapsed() > settle {
-            bail!("the pipeline did not settle in {settle:?}: {}\n{}", last.summary(), stack.logs());
+            bail!(
+                "the pipeline did not settle in {settle:?}: {}\n{}\n{}",
+                last.summary(),
+                trace(stack, &last),
+                stack.logs()
+            );
         }
         if last_print.elapsed() > Duration::from_secs(10) {
             eprintln!("  waiting for S3: {} ({} objects)", last.summary(), lake.objects);
@@ -74,4 +79,37 @@ pub async fn finish(
         verify["aggregates"]["windows_checked"]
     );
     Ok(last)
+}
+
+/// Where the first missing readings got to: for each, the raw-data and processed-data
+/// offsets holding it (none: lost before Kafka, or by the broker).
+fn trace(stack: &Stack, verdict: &PipelineVerdict) -> String {
+    let Ok(tail) = crate::kafka::Tail::start(&stack.tansu.bootstrap(), &["raw-data", "processed-data"]) else {
+        return "(cannot read Kafka to trace the missing readings)".into();
+    };
+    std::thread::sleep(Duration::from_secs(15));
+    let (raw, processed) = (tail.snapshot("raw-data"), tail.snapshot("processed-data"));
+    let find = |seen: &crate::kafka::Seen, device: &str, ts: &str| -> Vec<String> {
+        seen.messages
+            .iter()
+            .filter(|(_, _, v)| {
+                let text = String::from_utf8_lossy(v);
+                text.contains(device) && text.contains(ts)
+            })
+            .map(|(p, o, v)| format!("{p}@{o}: {}", String::from_utf8_lossy(v).chars().take(160).collect::<String>()))
+            .collect()
+    };
+    let mut out = format!(
+        "missing readings traced ({} raw-data and {} processed-data records read):\n",
+        raw.messages.len(),
+        processed.messages.len()
+    );
+    for (device, ts) in &verdict.missing_examples {
+        out.push_str(&format!(
+            "  {device} {ts}: raw-data {:?}; processed-data {:?}\n",
+            find(&raw, device, ts),
+            find(&processed, device, ts)
+        ));
+    }
+    out
 }
