@@ -261,12 +261,13 @@ pub async fn run(sim: Simulation, shutdown: CancellationToken) -> anyhow::Result
             // and sent — `Publish` with that id — once its predecessor's PUBACK arrives; if the
             // connection drops first, rumqttc forgets it, and it stays unacknowledged here.
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                if pending.contains_key(&pkid) {
-                    // A retransmission of a message already attributed.
-                } else if let Some((_, n)) = collided.take_if(|(c, _)| *c == pkid) {
-                    pending.insert(pkid, n);
-                } else if let Some(n) = sent.pop_front() {
-                    pending.insert(pkid, n);
+                // An occupied entry is a retransmission of a message already attributed.
+                if let std::collections::hash_map::Entry::Vacant(slot) = pending.entry(pkid) {
+                    if let Some((_, n)) = collided.take_if(|(c, _)| *c == pkid) {
+                        slot.insert(n);
+                    } else if let Some(n) = sent.pop_front() {
+                        slot.insert(n);
+                    }
                 }
             }
             Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
