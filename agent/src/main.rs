@@ -60,38 +60,7 @@ enum Command {
     /// Print every metric the agent exports (the exposition of a fresh registry).
     Metrics,
     /// Publish simulated device telemetry over MQTT.
-    Simulate {
-        /// Broker URL (mqtt://host:port).
-        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
-        mqtt: String,
-        /// Number of devices.
-        #[arg(long, default_value_t = 10)]
-        devices: u32,
-        /// Messages per second, all devices together.
-        #[arg(long, default_value_t = 100.0)]
-        rate: f64,
-        /// Seconds to publish for.
-        #[arg(long, default_value_t = 60.0)]
-        duration: f64,
-        /// Fraction of bad messages (half anomalies, half malformed).
-        #[arg(long, default_value_t = 0.0)]
-        bad_fraction: f64,
-        /// Topics are <prefix>/<device>/telemetry.
-        #[arg(long, default_value = "devices")]
-        topic_prefix: String,
-        /// Device names are <device-prefix>NNNNN.
-        #[arg(long, default_value = "device")]
-        device_prefix: String,
-        /// Random seed (the same seed publishes the same sequence of classes and values).
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Seconds added to the clock for the readings' timestamps (negative: in the past).
-        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-        clock_offset: i64,
-        /// Write every message, with whether the broker acknowledged it, as JSON lines.
-        #[arg(long)]
-        log: Option<PathBuf>,
-    },
+    Simulate(Sim),
     /// Look into the buffer file (the agent must be stopped).
     Buffer {
         #[command(subcommand)]
@@ -157,31 +126,8 @@ fn main() -> ExitCode {
             print!("{}", edgeflow_agent::metrics::describe());
             ExitCode::SUCCESS
         }
-        Command::Simulate {
-            mqtt,
-            devices,
-            rate,
-            duration,
-            bad_fraction,
-            topic_prefix,
-            device_prefix,
-            seed,
-            clock_offset,
-            log,
-        } => {
+        Command::Simulate(sim) => {
             logging::init("warn", Target::Stderr);
-            let sim = Sim {
-                mqtt,
-                devices,
-                rate,
-                duration,
-                bad_fraction,
-                topic_prefix,
-                device_prefix,
-                seed,
-                clock_offset,
-                log,
-            };
             report(simulate(sim))
         }
         Command::Buffer { action } => report(buffer(action)),
@@ -305,16 +251,37 @@ fn bootstrap(config: &Path, dry_run: bool) -> ExitCode {
 }
 
 /// The `simulate` arguments.
+#[derive(clap::Args, Debug)]
 struct Sim {
+    /// Broker URL (mqtt://host:port).
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     mqtt: String,
+    /// Number of devices.
+    #[arg(long, default_value_t = 10)]
     devices: u32,
+    /// Messages per second, all devices together.
+    #[arg(long, default_value_t = 100.0)]
     rate: f64,
+    /// Seconds to publish for.
+    #[arg(long, default_value_t = 60.0)]
     duration: f64,
+    /// Fraction of bad messages (half anomalies, half malformed).
+    #[arg(long, default_value_t = 0.0)]
     bad_fraction: f64,
+    /// Topics are <prefix>/<device>/telemetry.
+    #[arg(long, default_value = "devices")]
     topic_prefix: String,
+    /// Device names are <device-prefix>NNNNN.
+    #[arg(long, default_value = "device")]
     device_prefix: String,
+    /// Random seed (the same seed publishes the same sequence of classes and values).
+    #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Seconds added to the clock for the readings' timestamps (negative: in the past).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     clock_offset: i64,
+    /// Write every message, with whether the broker acknowledged it, as JSON lines.
+    #[arg(long)]
     log: Option<PathBuf>,
 }
 
