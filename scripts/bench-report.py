@@ -138,6 +138,9 @@ same run.
   idempotent `acks=all` producer against tansu.
 * `process` runs at the rate its input can be read: the ratio to consume-only is the cost of everything it does.
   `sink` pays for decoding JSON and encoding Parquet; the per-CPU-second column is what one core sustains.
+* The consumer lag is librdkafka's: from the group's last *committed* offset, which `process` advances only when a
+  checkpoint is safe (everything derived from earlier input acknowledged). It rises between commits and falls at each
+  one — the steps in the plot — so it bounds what is unprocessed from above.
 * At the reference load one aggregator replica is far from its limit; the deployment's KEDA target (~400 msg/s per
   replica) leaves headroom for catching up after an outage rather than reflecting a ceiling.
 """
