@@ -133,11 +133,13 @@ same run.
 
 ## Reading the figures
 
-* The agent's durable commit outruns the broker's own delivery to `mosquitto_sub` because it groups many records per
-  fsync and acknowledges in batches; the Kafka-acknowledged rate is bounded by the broker round trips of an
-  idempotent `acks=all` producer against tansu.
-* `process` runs at the rate its input can be read: the ratio to consume-only is the cost of everything it does.
-  `sink` pays for decoding JSON and encoding Parquet; the per-CPU-second column is what one core sustains.
+* The agent's durable commit can outrun the baseline: `mosquitto_sub` prints every message and acknowledges each on its
+  own, while the agent groups thousands of records per fsync and acknowledges them together. The Kafka-acknowledged
+  rate adds the idempotent `acks=all` producer's round trips to tansu.
+* A ratio near or above 1.00 for `process` and `sink` means the stage keeps up with what a bare consumer reads from the
+  same broker: reading is the bottleneck, not the stage's work. (Above 1.00 comes from the clients' different fetch
+  settings and run-to-run noise, not from doing more than reading.) The per-CPU-second column is what one core
+  sustains, independent of the broker.
 * The consumer lag is librdkafka's: from the group's last *committed* offset, which `process` advances only when a
   checkpoint is safe (everything derived from earlier input acknowledged). It rises between commits and falls at each
   one — the steps in the plot — so it bounds what is unprocessed from above.
