@@ -2,27 +2,16 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use edgeflow_testkit::{Child, free_port};
+use edgeflow_testkit::{Child, free_port, on_small_disk};
 
 /// Runs the agent with its data directory on a 4 MiB tmpfs in a private mount namespace.
 fn start_on_small_disk(config: &std::path::Path, data_dir: &std::path::Path, port: u16) -> anyhow::Result<Agent> {
     std::fs::create_dir_all(data_dir)?;
-    let root = Command::new("id").arg("-u").output()?.stdout.starts_with(b"0");
-    let mut cmd = Command::new("unshare");
-    // As root a mount namespace is enough; otherwise map ourselves to root in a user namespace.
-    cmd.arg(if root { "-m" } else { "-rm" })
-        .arg("sh")
-        .arg("-c")
-        .arg(r#"mount -t tmpfs -o size=4m tmpfs "$1" && exec "$2" run --config "$3""#)
-        .arg("sh")
-        .arg(data_dir)
-        .arg(env!("CARGO_BIN_EXE_edgeflow-agent"))
-        .arg(config)
-        .env("RUST_LOG", "info");
+    let mut cmd = on_small_disk(data_dir, "4m", std::path::Path::new(env!("CARGO_BIN_EXE_edgeflow-agent")));
+    cmd.arg("run").arg("--config").arg(config).env("RUST_LOG", "info");
     let log = config.with_extension("log");
     let child = Child::spawn("edgeflow-agent (small disk)", cmd, Some(&log))?;
     let agent = Agent { child, port, config: config.to_owned(), log };
@@ -47,11 +36,22 @@ async fn a_full_disk_holds_acknowledgements_and_recovers_when_kafka_drains_the_b
     let agent = start_on_small_disk(&config, &data_dir, port)?;
     agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
 
-    // Kafka away: the buffer grows until the disk is full.
+    // Kafka away: devices publish until the buffer has filled the disk, and a little longer, so
+    // the broker holds what did not fit. (Publishing for a fixed time would fill 4 MiB or not
+    // depending on how fast this machine is at the moment.)
     proxy.cut();
-    let published = publish(&env, 20, 3000.0, 6.0, 0.0, 21).await?;
+    let stop = edgeflow_runtime::CancellationToken::new();
+    let publisher = spawn_publisher_until(&env, "disk", 20, 3000.0, 21, stop.clone());
+    let errors = "edgeflow_agent_buffer_commit_errors_total";
+    let full = tokio::task::block_in_place(|| agent.wait_metric(errors, Duration::from_secs(120), |v| v >= 1.0));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let report = publisher.await??;
+    full?;
+    let published = read_published(&env.dir.path().join("disk.jsonl"))?;
+    assert_eq!(published.len() as u64, report.published);
     let acked: Vec<&Published> = published.iter().filter(|p| p.acked).collect();
-    agent.wait_metric("edgeflow_agent_buffer_commit_errors_total", Duration::from_secs(30), |v| v >= 1.0)?;
+    eprintln!("published {} ({} acknowledged by the broker) until the disk was full", report.published, acked.len());
     let (code, body) = http_get(port, "/readyz")?;
     assert_eq!(code, 503);
     // Either the failed commit is being retried, or the buffer holds appends back to keep room

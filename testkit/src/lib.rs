@@ -18,7 +18,7 @@ mod proxy;
 mod servers;
 pub mod service;
 
-pub use process::{Child, find_binary, free_port, wait_for_port};
+pub use process::{Child, find_binary, free_port, on_small_disk, wait_for_port};
 pub use proxy::{FaultProxy, ProxyMode};
 pub use servers::{Mosquitto, Moto, Tansu, TansuStorage};
 pub use service::{Service, http_get, parse_metrics};

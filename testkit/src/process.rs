@@ -120,3 +120,18 @@ impl Drop for Child {
         self.kill9();
     }
 }
+
+/// A command that runs `program` (append its arguments with `.arg`) with `dir` on a fresh tmpfs
+/// of `size` (`"4m"`) in a private mount namespace: a real, small filesystem that fills up
+/// (ENOSPC) without touching the host's disks. As root a mount namespace is enough; otherwise the command maps the
+/// current user to root in a user namespace.
+pub fn on_small_disk(dir: &std::path::Path, size: &str, program: &std::path::Path) -> Command {
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    let mut cmd = Command::new("unshare");
+    cmd.arg(if root { "-m" } else { "-rm" })
+        .args(["sh", "-c", r#"mount -t tmpfs -o "size=$1" tmpfs "$2" && shift 2 && exec "$0" "$@""#])
+        .arg(program)
+        .arg(size)
+        .arg(dir);
+    cmd
+}

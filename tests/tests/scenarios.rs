@@ -302,14 +302,8 @@ fn start_agent_on_small_disk(stack: &mut Stack, node: &str, data_dir: &std::path
     let text = std::fs::read_to_string(&config)?;
     let default_dir = text.lines().find(|l| l.starts_with("data_dir")).unwrap_or_default().to_owned();
     std::fs::write(&config, text.replace(&default_dir, &format!("data_dir = \"{}\"", data_dir.display())))?;
-    let root = std::process::Command::new("id").arg("-u").output()?.stdout.starts_with(b"0");
-    let mut cmd = std::process::Command::new("unshare");
-    cmd.arg(if root { "-m" } else { "-rm" })
-        .args(["sh", "-c", r#"mount -t tmpfs -o size=4m tmpfs "$1" && exec "$2" run --config "$3""#, "sh"])
-        .arg(data_dir)
-        .arg(edgeflow_e2e::stack::binary("edgeflow-agent")?)
-        .arg(&config)
-        .env("RUST_LOG", "info");
+    let mut cmd = edgeflow_testkit::on_small_disk(data_dir, "4m", &edgeflow_e2e::stack::binary("edgeflow-agent")?);
+    cmd.arg("run").arg("--config").arg(&config).env("RUST_LOG", "info");
     let log = config.with_extension("log");
     let child = edgeflow_testkit::Child::spawn("edgeflow-agent (small disk)", cmd, Some(&log))?;
     let service = Service { child, port: old.port, config, log };

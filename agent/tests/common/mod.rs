@@ -66,21 +66,12 @@ pub fn start_agent(config: &Path, metrics_port: u16) -> Result<Agent> {
 
 /// Publishes with the simulator and returns its log lines (class, payload, acked).
 pub async fn publish(env: &Env, devices: u32, rate: f64, secs: f64, bad: f64, seed: u64) -> Result<Vec<Published>> {
-    let log = env.dir.path().join(format!("published-{seed}.jsonl"));
+    let name = format!("s{seed}");
     let sim = edgeflow_agent::simulate::Simulation {
-        mqtt_host: "127.0.0.1".into(),
-        mqtt_port: env.mosquitto.port,
-        devices,
-        rate,
-        duration: Duration::from_secs_f64(secs),
         bad_fraction: bad,
-        topic_prefix: "devices".into(),
-        device_prefix: format!("s{seed}-dev"),
-        seed,
-        clock_offset: chrono::Duration::zero(),
-        log: Some(log.clone()),
-        progress: false,
+        ..simulation(env, &name, devices, rate, Duration::from_secs_f64(secs), seed)
     };
+    let log = sim.log.clone().expect("a log");
     edgeflow_agent::simulate::run(sim, edgeflow_runtime::CancellationToken::new()).await?;
     read_published(&log)
 }
@@ -92,7 +83,7 @@ pub fn read_published(path: &Path) -> Result<Vec<Published>> {
     Published::read_all(path)
 }
 
-/// Starts the simulator in the background, logging to `<dir>/<name>.jsonl`.
+/// Starts the simulator in the background for `secs`, logging to `<dir>/<name>.jsonl`.
 pub fn spawn_publisher(
     env: &Env,
     name: &str,
@@ -101,12 +92,38 @@ pub fn spawn_publisher(
     secs: u64,
     seed: u64,
 ) -> tokio::task::JoinHandle<Result<edgeflow_agent::simulate::Report>> {
-    let sim = edgeflow_agent::simulate::Simulation {
+    let sim = simulation(env, name, devices, rate, Duration::from_secs(secs), seed);
+    tokio::spawn(edgeflow_agent::simulate::run(sim, edgeflow_runtime::CancellationToken::new()))
+}
+
+/// Starts the simulator in the background until `stop` is cancelled (at most ten minutes).
+#[allow(dead_code)] // not every test binary uses it
+pub fn spawn_publisher_until(
+    env: &Env,
+    name: &str,
+    devices: u32,
+    rate: f64,
+    seed: u64,
+    stop: edgeflow_runtime::CancellationToken,
+) -> tokio::task::JoinHandle<Result<edgeflow_agent::simulate::Report>> {
+    let sim = simulation(env, name, devices, rate, Duration::from_secs(600), seed);
+    tokio::spawn(edgeflow_agent::simulate::run(sim, stop))
+}
+
+fn simulation(
+    env: &Env,
+    name: &str,
+    devices: u32,
+    rate: f64,
+    duration: Duration,
+    seed: u64,
+) -> edgeflow_agent::simulate::Simulation {
+    edgeflow_agent::simulate::Simulation {
         mqtt_host: "127.0.0.1".into(),
         mqtt_port: env.mosquitto.port,
         devices,
         rate,
-        duration: Duration::from_secs(secs),
+        duration,
         bad_fraction: 0.0,
         topic_prefix: "devices".into(),
         device_prefix: format!("{name}-dev"),
@@ -114,8 +131,7 @@ pub fn spawn_publisher(
         clock_offset: chrono::Duration::zero(),
         log: Some(env.dir.path().join(format!("{name}.jsonl"))),
         progress: false,
-    };
-    tokio::spawn(edgeflow_agent::simulate::run(sim, edgeflow_runtime::CancellationToken::new()))
+    }
 }
 
 /// A record read back from raw-data.
