@@ -80,12 +80,15 @@ async fn explicit_partitions_headers_lz4_commit_and_seek() -> anyhow::Result<()>
     assert_eq!(committed.find_partition("t", 2).map(|e| e.offset()), Some(Offset::Offset(7)));
     // With tansu 0.6, destroying a consumer after this sequence can hang in librdkafka's
     // broker-thread join (the group is left, then `rd_kafka_destroy` never returns). The
-    // aggregator closes its consumers with a deadline for that reason; here, close off-thread.
+    // aggregator closes its consumers as `kafka::close` does: leave the group first, then
+    // destroy off-thread. Without the explicit leave, the next member waits for this one's
+    // session to expire and the rebalance, which on a loaded machine can outlast the wait.
+    c.unsubscribe();
     std::thread::spawn(move || drop(c));
 
     let c = consumer(&bootstrap, "g", rdkafka::consumer::DefaultConsumerContext)?;
     c.subscribe(&["t"])?;
-    let resumed = poll_n(&c, 1, Duration::from_secs(30));
+    let resumed = poll_n(&c, 1, Duration::from_secs(60));
     assert_eq!(resumed.first().map(|m| (m.0, m.1)), Some((2, 7)), "resumes at the committed offset");
     // Seek back to 3 on the assigned partition: the next message is offset 3, then 4.
     c.seek("t", 2, Offset::Offset(3), Duration::from_secs(10))?;

@@ -401,26 +401,7 @@ async fn iam_roles_anywhere_joins_with_its_own_nodeconfig() {
     std::fs::create_dir_all(node.root.join("etc/iam/pki")).unwrap();
     std::fs::write(node.root.join("etc/iam/pki/server.pem"), "cert").unwrap();
     std::fs::write(node.root.join("etc/iam/pki/server.key"), "key").unwrap();
-    let text = format!(
-        r#"
-[bootstrap]
-enabled = true
-cluster_name = "edge-1"
-region = "eu-west-1"
-kubernetes_version = "1.31"
-credential_provider = "iam-ra"
-nodeadm_path = "{}"
-remote_node_cidrs = ["10.80.0.0/16"]
-[bootstrap.iam_ra]
-trust_anchor_arn = "arn:aws:rolesanywhere:eu-west-1:111122223333:trust-anchor/a"
-profile_arn = "arn:aws:rolesanywhere:eu-west-1:111122223333:profile/b"
-role_arn = "arn:aws:iam::111122223333:role/EKSHybridNodesRole"
-node_name = "plant-1"
-certificate_path = "/etc/iam/pki/server.pem"
-private_key_path = "/etc/iam/pki/server.key"
-"#,
-        node.wrapper.display()
-    );
+    let text = node.iam_ra_config_text();
     let settings = common::parse_section(&text).validate().unwrap().unwrap();
     let (result, phase) = node.run(&settings).await;
     assert_eq!(result.unwrap(), Outcome::Joined { ran: vec![Step::Install, Step::Init, Step::Verify] });

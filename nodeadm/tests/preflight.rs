@@ -199,7 +199,7 @@ fn endpoints() {
     assert_fails(&case.check(CheckName::Endpoints), "ssm.eu-west-1.amazonaws.com:443 (SSM", "outbound HTTPS", true);
 
     // IAM Roles Anywhere needs its own endpoints instead of SSM's.
-    let ra = common::parse_section(&iam_ra_config(&node)).validate().unwrap().unwrap();
+    let ra = common::parse_section(&node.iam_ra_config_text()).validate().unwrap().unwrap();
     let hosts: Vec<String> = preflight::endpoints(&ra).into_iter().map(|(h, _)| h).collect();
     assert!(hosts.contains(&"rolesanywhere.eu-west-1.amazonaws.com".to_owned()), "{hosts:?}");
     assert!(!hosts.iter().any(|h| h.starts_with("ssm.")), "{hosts:?}");
@@ -241,7 +241,7 @@ fn credentials() {
     assert_fails(&case.check(CheckName::Credentials), "cannot read secret file", "deliver the activation code", true);
 
     let case = Case {
-        settings: common::parse_section(&iam_ra_config(&node)).validate().unwrap().unwrap(),
+        settings: common::parse_section(&node.iam_ra_config_text()).validate().unwrap().unwrap(),
         ..Case::new(&node)
     };
     assert_fails(&case.check(CheckName::Credentials), "certificate /etc/iam/pki/server.pem not found", "install", true);
@@ -267,27 +267,4 @@ fn skipped_checks_are_reported_as_skipped() {
     let report = case.report();
     assert!(report.results.iter().all(|r| r.status == CheckStatus::Skipped));
     assert!(case.probe.asked.lock().unwrap().is_empty(), "a skipped endpoint check connects nowhere");
-}
-
-fn iam_ra_config(node: &Node) -> String {
-    format!(
-        r#"
-[bootstrap]
-enabled = true
-cluster_name = "edge-1"
-region = "eu-west-1"
-kubernetes_version = "1.31"
-credential_provider = "iam-ra"
-nodeadm_path = "{}"
-remote_node_cidrs = ["10.80.0.0/16"]
-[bootstrap.iam_ra]
-trust_anchor_arn = "arn:aws:rolesanywhere:eu-west-1:111122223333:trust-anchor/a"
-profile_arn = "arn:aws:rolesanywhere:eu-west-1:111122223333:profile/b"
-role_arn = "arn:aws:iam::111122223333:role/EKSHybridNodesRole"
-node_name = "plant-1"
-certificate_path = "/etc/iam/pki/server.pem"
-private_key_path = "/etc/iam/pki/server.key"
-"#,
-        node.wrapper.display()
-    )
 }

@@ -143,6 +143,30 @@ activation_code_file = "{}"
         )
     }
 
+    /// The `[bootstrap]` section for this node with IAM Roles Anywhere credentials.
+    pub fn iam_ra_config_text(&self) -> String {
+        format!(
+            r#"
+[bootstrap]
+enabled = true
+cluster_name = "edge-1"
+region = "eu-west-1"
+kubernetes_version = "1.31"
+credential_provider = "iam-ra"
+nodeadm_path = "{}"
+remote_node_cidrs = ["10.80.0.0/16"]
+[bootstrap.iam_ra]
+trust_anchor_arn = "arn:aws:rolesanywhere:eu-west-1:111122223333:trust-anchor/a"
+profile_arn = "arn:aws:rolesanywhere:eu-west-1:111122223333:profile/b"
+role_arn = "arn:aws:iam::111122223333:role/EKSHybridNodesRole"
+node_name = "plant-1"
+certificate_path = "/etc/iam/pki/server.pem"
+private_key_path = "/etc/iam/pki/server.key"
+"#,
+            self.wrapper.display()
+        )
+    }
+
     pub fn config(&self, extra: &str) -> BootstrapConfig {
         parse_section(&self.config_text(extra))
     }
