@@ -16,10 +16,18 @@
 //! messages are committed, the broker redelivers them, and the buffer recognises the
 //! redelivery.
 //!
+//! A PUBACK is never dropped. rumqttc's request queue is bounded, and a broker sending a backlog
+//! as fast as it can (mosquitto does not always hold itself to our Receive Maximum) fills it
+//! with acknowledgements faster than the event loop writes them. What does not fit waits in
+//! [`PendingAcks`], in order, and the poller moves it into the request queue between events.
+//! A lost PUBACK would not lose data, but the broker would send the message again after the
+//! next reconnect, and a reading older than the redelivery horizon would get a second `seq`.
+//!
 //! The poller is never cancelled mid-`poll` (that could cut an outgoing packet in half);
 //! shutdown stops accepting new messages, waits for the buffer to commit what it has, lets the
 //! acknowledgements go out, then sends DISCONNECT through the same queue.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -121,6 +129,7 @@ impl IngestStatus {
 pub struct Acker {
     client: Client,
     epoch: Arc<Mutex<u64>>,
+    pending: Arc<PendingAcks>,
 }
 
 impl std::fmt::Debug for Acker {
@@ -133,15 +142,49 @@ impl Acker {
     /// Acknowledges committed messages (called on the buffer thread after each commit).
     pub fn ack(&self, committed: Vec<(AckToken, Outcome)>) {
         let epoch = self.epoch.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (token, _) in committed {
-            if token.epoch != *epoch || token.qos == Qos::AtMostOnce {
-                continue;
-            }
-            if let Err(error) = self.client.try_ack(token.pkid, token.qos) {
-                // Only if the client is shutting down; the broker will redeliver.
-                tracing::debug!(%error, pkid = token.pkid, "could not queue a PUBACK");
+        let tokens = committed.into_iter().map(|(t, _)| t).filter(|t| t.epoch == *epoch && t.qos != Qos::AtMostOnce);
+        self.pending.send(&self.client, tokens);
+    }
+}
+
+/// PUBACKs that did not fit into rumqttc's request queue yet, oldest first.
+#[derive(Debug, Default)]
+pub struct PendingAcks {
+    queue: Mutex<VecDeque<AckToken>>,
+}
+
+impl PendingAcks {
+    /// Queues a PUBACK for each token in rumqttc's request queue; what does not fit (or would
+    /// overtake an earlier one that did not) waits here.
+    fn send(&self, client: &Client, tokens: impl Iterator<Item = AckToken>) {
+        let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for token in tokens {
+            if !queue.is_empty() || client.try_ack(token.pkid, token.qos).is_err() {
+                queue.push_back(token);
             }
         }
+    }
+
+    /// Moves waiting PUBACKs of `epoch` into rumqttc's request queue while it has room; drops
+    /// those of earlier connections. Returns how many still wait.
+    fn flush(&self, client: &Client, epoch: u64) -> usize {
+        let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while let Some(token) = queue.front() {
+            if token.epoch == epoch && client.try_ack(token.pkid, token.qos).is_err() {
+                break;
+            }
+            queue.pop_front();
+        }
+        queue.len()
+    }
+
+    /// Forgets every waiting PUBACK (the connection they belong to is gone).
+    fn clear(&self) {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+    }
+
+    fn len(&self) -> usize {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
 }
 
@@ -150,6 +193,7 @@ pub struct Session {
     client: Client,
     eventloop: EventLoop,
     epoch: Arc<Mutex<u64>>,
+    pending: Arc<PendingAcks>,
     topics: Vec<String>,
 }
 
@@ -163,12 +207,18 @@ impl Session {
     /// Builds the client. No connection is attempted until [`run`] polls it.
     pub fn new(settings: &MqttSettings) -> Self {
         let (client, eventloop) = client::new(settings);
-        Session { client, eventloop, epoch: Arc::new(Mutex::new(0)), topics: settings.topics.clone() }
+        Session {
+            client,
+            eventloop,
+            epoch: Arc::new(Mutex::new(0)),
+            pending: Arc::default(),
+            topics: settings.topics.clone(),
+        }
     }
 
     /// The acknowledger for the buffer thread.
     pub fn acker(&self) -> Acker {
-        Acker { client: self.client.clone(), epoch: self.epoch.clone() }
+        Acker { client: self.client.clone(), epoch: self.epoch.clone(), pending: self.pending.clone() }
     }
 }
 
@@ -185,24 +235,29 @@ pub struct Ingest {
 
 /// Polls the MQTT session until `shutdown`, then drains and disconnects (within `drain_timeout`).
 pub async fn run(session: Session, ingest: Ingest, shutdown: CancellationToken, drain_timeout: Duration) {
-    let Session { client, mut eventloop, epoch, topics } = session;
+    let Session { client, mut eventloop, epoch, pending, topics } = session;
     let accepting = Arc::new(AtomicBool::new(true));
     let finished = CancellationToken::new();
 
     // On shutdown: stop accepting, wait until the buffer has committed (and so acknowledged)
     // everything accepted, then disconnect through the request queue, behind the PUBACKs.
     let drainer = {
-        let (accepting, client, buffer, finished) =
-            (accepting.clone(), client.clone(), ingest.buffer.clone(), finished.clone());
+        let (accepting, client, buffer, finished, pending) =
+            (accepting.clone(), client.clone(), ingest.buffer.clone(), finished.clone(), pending.clone());
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             shutdown.cancelled().await;
             accepting.store(false, Ordering::SeqCst);
+            let deadline = tokio::time::Instant::now() + drain_timeout;
             let (tx, rx) = tokio::sync::oneshot::channel();
             if buffer.send_async(Command::Barrier(tx)).await.is_ok() {
-                let _ = tokio::time::timeout(drain_timeout, rx).await;
+                let _ = tokio::time::timeout_at(deadline, rx).await;
             }
-            let _ = client.try_disconnect();
+            // The DISCONNECT goes behind every PUBACK: wait for those still waiting to be
+            // queued, and for room in the request queue.
+            while (pending.len() > 0 || client.try_disconnect().is_err()) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             // If the broker is unreachable, the poller would never see the DISCONNECT go out.
             tokio::time::sleep(Duration::from_secs(2)).await;
             finished.cancel();
@@ -213,6 +268,9 @@ pub async fn run(session: Session, ingest: Ingest, shutdown: CancellationToken, 
     let mut current_epoch = 0u64;
     let mut ever_connected = false;
     loop {
+        if pending.flush(&client, current_epoch) > 0 {
+            tracing::trace!("PUBACKs waiting for room in the MQTT request queue");
+        }
         let event = tokio::select! {
             // Only after the drain: the DISCONNECT is then out or the broker is gone.
             _ = finished.cancelled() => break,
@@ -273,6 +331,7 @@ pub async fn run(session: Session, ingest: Ingest, shutdown: CancellationToken, 
                     *e += 1;
                     current_epoch = *e;
                     eventloop.clean();
+                    pending.clear();
                 }
                 let was_connected = ingest.status.connected.swap(false, Ordering::Relaxed);
                 ingest.metrics.mqtt_connected.set(0);

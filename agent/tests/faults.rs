@@ -190,3 +190,40 @@ async fn sigterm_stops_promptly_and_nothing_is_lost_or_doubled() -> anyhow::Resu
     assert_eq!((got.len(), copies), (acked.len(), 0), "a graceful stop re-sends nothing");
     Ok(())
 }
+
+/// A backlog queued at the broker while the agent was stopped arrives as fast as the broker can
+/// send it. Every message must be acknowledged once committed — none of its PUBACKs may be lost
+/// on the way out — or the broker sends it again after the next restart, and a reading older
+/// than the redelivery horizon would get a second seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_drained_at_full_speed_is_all_acknowledged_and_never_redelivered() -> anyhow::Result<()> {
+    let env = Env::start(false).await?;
+    let port = free_port();
+    let config = env.write_config("q", &env.config("node-q", port, ""))?;
+    // The first start creates the persistent session; then the backlog builds up at the broker.
+    let mut agent = start_agent(&config, port)?;
+    agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
+    assert!(agent.terminate(Duration::from_secs(15)).is_some_and(|s| s.success()));
+    let published = publish(&env, 50, 30_000.0, 4.0, 0.0, 8).await?;
+    let acked = acked(&published);
+    assert!(acked.len() > 40_000, "a backlog of {} is too small to prove anything", acked.len());
+
+    let mut agent = start_agent(&config, port)?;
+    let n = acked.len() as f64;
+    agent
+        .wait_metric("edgeflow_agent_records_forwarded_total{kind=\"record\"}", Duration::from_secs(120), |v| v >= n)?;
+    agent.wait_metric("edgeflow_agent_buffer_records", Duration::from_secs(30), |v| v == 0.0)?;
+    let received = agent.metric("edgeflow_agent_mqtt_messages_received_total");
+    assert!(agent.terminate(Duration::from_secs(15)).is_some_and(|s| s.success()), "{}", agent.log_text());
+
+    // Restarted: the broker has nothing left to send.
+    let agent = start_agent(&config, port)?;
+    agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let again = agent.metric("edgeflow_agent_mqtt_messages_received_total");
+    assert_eq!(again, 0.0, "the broker redelivered {again} of {received} messages: their PUBACKs were lost");
+    let got = read_raw(&env.tansu.bootstrap(), acked.len(), Duration::from_secs(60))?;
+    let copies = check_complete(&acked, &got);
+    assert_eq!((got.len(), copies), (acked.len(), 0));
+    Ok(())
+}
