@@ -36,6 +36,21 @@ def rates(samples, value):
     return out
 
 
+def longest_stall(samples, forwarded, consumed, until):
+    """Longest time `process` read nothing while records kept arriving in Kafka."""
+    longest, since = 0.0, None
+    for prev, cur in zip(samples, samples[1:]):
+        if cur["t"] > until:
+            break
+        idle = consumed(cur) == consumed(prev) and forwarded(cur) > forwarded(prev)
+        if idle:
+            since = prev["t"] if since is None else since
+            longest = max(longest, cur["t"] - since)
+        else:
+            since = None
+    return longest
+
+
 def main():
     timeline_name = sys.argv[1] if len(sys.argv) > 1 else "reference-load-full.jsonl"
     agent = load("target/bench/agent.json")
@@ -59,6 +74,10 @@ def main():
     steady_in = [r for t, r in into_agents if 5 <= t <= published_for]
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
     lag = [((s["aggregator"] or {}).get("lag_process", 0.0)) for s in samples]
+    # Independent of the lag metric: what the agents had put into Kafka and `process` had not
+    # yet read (replays make `consumed` run ahead; never below zero).
+    behind = [max(0.0, forwarded(s) - consumed(s)) for s in samples if s["t"] <= published_for]
+    stall = longest_stall(samples, forwarded, consumed, published_for)
     buffered = [sum(s["agents"][a]["buffered"] for a in agents) for s in samples]
     agent_rss = [max(s["agents"][a]["rss_bytes"] for a in agents) / 2**20 for s in samples]
     agg_rss = [((s["aggregator"] or {}).get("rss_bytes", 0)) / 2**20 for s in samples]
@@ -95,6 +114,8 @@ binaries as separate processes. One sample per second of every process's metrics
 | received by the agents (mean, t = 5 s … end of publishing) | {mean(steady_in):.0f} msg/s | {mean(steady_in) / ref["rate"]:.2f} of offered |
 | forwarded into Kafka (mean, same span) | {mean(steady):.0f} msg/s | {mean(steady) / ref["rate"]:.2f} of offered |
 | peak `process` consumer lag | {max(lag):.0f} records | {max(lag) / ref["rate"]:.2f} s of load |
+| peak backlog behind `process` (forwarded into Kafka − consumed by `process`) | {max(behind):.0f} records | {max(behind) / ref["rate"]:.2f} s of load |
+| longest span in which `process` consumed nothing while the agents forwarded | {stall:.0f} s | |
 | peak records buffered in the agents | {max(buffered):.0f} | {max(buffered) / ref["rate"]:.2f} s of load |
 | agent CPU (mean per agent) | {agent_cpu:.1f}% of a core | |
 | aggregator CPU | {agg_cpu:.1f}% of a core | |
@@ -142,7 +163,18 @@ same run.
   sustains, independent of the broker.
 * The consumer lag is librdkafka's: from the group's last *committed* offset, which `process` advances only when a
   checkpoint is safe (everything derived from earlier input acknowledged). It rises between commits and falls at each
-  one — the steps in the plot — so it bounds what is unprocessed from above.
+  one — the steps in the plot — so, while the broker answers fetches, it bounds what is unprocessed from above.
+* The backlog behind `process` and the longest idle span are computed from the counters (agents' forwarded records,
+  `process`'s consumed records), not from the lag metric. A span of many seconds means `process` stopped reading while
+  the agents kept producing. In the 10-minute runs this happens after a few minutes, and the cause is the test broker.
+  On a second 10-minute run (with other tests running on the machine too), during such a stall tansu 0.6 (in-memory
+  storage, by then ~190,000 records in `raw-data` and as many in `processed-data`) used 94% of a core while the
+  aggregator used none, its consumer threads waiting in `poll()` for fetch responses (`top`, and `gdb` stacks of the
+  aggregator). The stall ends in a burst when tansu answers (the burst is also where the aggregator's peak RSS comes
+  from), and the records still arrive in S3 exactly once. librdkafka's
+  lag metric is computed from the high watermark of the last fetch response, so while fetches go unanswered it reads
+  low or 0. KEDA computes lag at the broker and is not affected; the aggregator's own lag metric (dashboards, the lag
+  alert) is, and would be better computed from watermarks the aggregator queries itself (not done yet).
 * At the reference load one aggregator replica is far from its limit; the deployment's KEDA target (~400 msg/s per
   replica) leaves headroom for catching up after an outage rather than reflecting a ceiling.
 """
