@@ -390,6 +390,11 @@ pub async fn close(consumer: Arc<StageConsumer>) {
 /// then calls [`Cursor::stalled`] after a quiet while. The expected offset always exists (it is a
 /// committed checkpoint, or a resume offset below it), so stepping back is always right.
 /// On a broker that behaves, the first record is the expected one and nothing happens.
+///
+/// Mid-stream the cursor also checks that offsets follow one another: a jump is treated like a
+/// skipped expected offset (seek back for the first missing one; if it does not exist, as with
+/// compaction or transaction markers, the records after it are taken after one seek), and a
+/// record at or before the last one taken is dropped.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cursor {
     expected: Option<i64>,
@@ -398,6 +403,8 @@ pub struct Cursor {
     tried_start: bool,
     /// When the cursor last made progress (set, dropped a record, stepped back).
     since: Option<std::time::Instant>,
+    /// The offset of the last record taken since the last [`Cursor::expect`].
+    last: Option<i64>,
 }
 
 /// What to do with a delivered record.
@@ -420,6 +427,7 @@ impl Cursor {
             seen_below: false,
             tried_start: false,
             since: Some(std::time::Instant::now()),
+            last: None,
         };
     }
 
@@ -430,9 +438,26 @@ impl Cursor {
 
     /// Judges a delivered record.
     pub fn check(&mut self, offset: i64) -> Positioned {
-        let Some(expected) = self.expected else { return Positioned::Take };
+        let Some(expected) = self.expected else {
+            // Mid-stream, offsets follow one another. tansu 0.6 can also skip the rest of a batch
+            // when a fetch is retried (seen after a request timed out under load): a jump means
+            // the records in between were not delivered, so go back for them. A record at or
+            // before the last one taken was delivered twice: drop it.
+            return match self.last {
+                Some(last) if offset <= last => Positioned::Drop,
+                Some(last) if offset > last + 1 => {
+                    self.expect(last + 1);
+                    self.check(offset)
+                }
+                _ => {
+                    self.last = Some(offset);
+                    Positioned::Take
+                }
+            };
+        };
         if offset == expected {
             self.expected = None;
+            self.last = Some(offset);
             return Positioned::Take;
         }
         self.since = Some(std::time::Instant::now());
@@ -445,6 +470,7 @@ impl Cursor {
         // back to the start, nothing earlier can be fetched either.
         if self.seen_below || expected == 0 || self.tried_start {
             self.expected = None;
+            self.last = Some(offset);
             return Positioned::Take;
         }
         Positioned::SeekBack(self.step_back(expected))
@@ -535,6 +561,36 @@ mod tests {
         assert_eq!(c.check(9), Positioned::SeekBack(1));
         assert_eq!(c.check(9), Positioned::SeekBack(0));
         assert_eq!(c.check(9), Positioned::Take, "nothing earlier exists");
+    }
+
+    #[test]
+    fn a_cursor_notices_records_skipped_mid_stream_and_goes_back_for_them() {
+        let mut c = Cursor::default();
+        for o in 40..=50 {
+            assert_eq!(c.check(o), Positioned::Take);
+        }
+        // The broker skipped 51..=59 (the rest of a batch): go back for 51.
+        assert_eq!(c.check(60), Positioned::SeekBack(50));
+        assert_eq!(c.expected(), Some(51));
+        assert_eq!(c.check(50), Positioned::Drop);
+        for o in 51..=61 {
+            assert_eq!(c.check(o), Positioned::Take, "offset {o}");
+        }
+        // A record delivered again is dropped, not processed twice.
+        assert_eq!(c.check(61), Positioned::Drop);
+        assert_eq!(c.check(55), Positioned::Drop);
+        assert_eq!(c.check(62), Positioned::Take);
+    }
+
+    #[test]
+    fn a_cursor_takes_a_real_gap_after_one_look_back() {
+        let mut c = Cursor::default();
+        assert_eq!(c.check(10), Positioned::Take);
+        // Offsets 11..=14 do not exist (compaction, transaction markers).
+        assert_eq!(c.check(15), Positioned::SeekBack(10));
+        assert_eq!(c.check(10), Positioned::Drop);
+        assert_eq!(c.check(15), Positioned::Take);
+        assert_eq!(c.check(16), Positioned::Take);
     }
 
     #[test]
