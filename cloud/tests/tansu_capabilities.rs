@@ -201,3 +201,58 @@ async fn a_fetch_inside_a_batch_is_realigned_by_the_cursor() -> anyhow::Result<(
     assert_eq!(taken, vec![7, 8, 9], "after {seeks} seeks back");
     Ok(())
 }
+
+/// Mid-stream, the consumer's fetch position can land inside a batch without any seek of ours
+/// (librdkafka retrying a fetch that timed out): tansu then skips the rest of that batch. The
+/// cursor notices the jump in offsets and goes back for what was skipped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_skipped_mid_stream_is_fetched_again() -> anyhow::Result<()> {
+    use edgeflow_aggregator::kafka::{Cursor, Positioned};
+    let tansu = Tansu::start(TansuStorage::Memory)?;
+    let bootstrap = tansu.bootstrap();
+    kafka::create_topics(&bootstrap, &[("m", 1)]).await?;
+    let p = producer(&bootstrap)?;
+    let send_batch = |from: usize| -> anyhow::Result<Vec<_>> {
+        (from..from + 20)
+            .map(|i| {
+                p.send_result(FutureRecord::<(), _>::to("m").partition(0).payload(&format!("v{i}")))
+                    .map_err(|(e, _)| anyhow::anyhow!("{e}"))
+            })
+            .collect()
+    };
+    for f in send_batch(0)? {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    let c = consumer(&bootstrap, "mid-stream", rdkafka::consumer::DefaultConsumerContext)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("m", 0, Offset::Offset(0))?;
+    c.assign(&tpl)?;
+    let mut cursor = Cursor::default();
+    let mut taken = Vec::new();
+    let mut seeks = 0;
+    let mut skipped = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while taken.len() < 40 && Instant::now() < deadline {
+        let Some(Ok(m)) = c.poll(Duration::from_millis(100)) else { continue };
+        match cursor.check(m.offset()) {
+            Positioned::Take => taken.push(m.offset()),
+            Positioned::Drop => {}
+            Positioned::SeekBack(to) => {
+                seeks += 1;
+                c.seek("m", 0, Offset::Offset(to), Duration::from_secs(10))?;
+            }
+        }
+        if taken.len() == 5 && !skipped {
+            // What a retried fetch does: the position moves inside the batch behind the
+            // cursor's back, and more records arrive after it.
+            skipped = true;
+            c.seek("m", 0, Offset::Offset(7), Duration::from_secs(10))?;
+            for f in send_batch(20)? {
+                f.await?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    assert_eq!(taken, (0..40).collect::<Vec<i64>>(), "after {seeks} seeks back");
+    assert!(seeks >= 1, "the skip was noticed");
+    Ok(())
+}
