@@ -120,25 +120,26 @@ impl Node {
         std::fs::rename(&tmp, &self.wrapper).unwrap();
     }
 
+    /// The lines every test configuration starts with: the cluster and this node's nodeadm.
+    fn cluster_lines(&self) -> String {
+        format!(
+            "\n[bootstrap]\nenabled = true\ncluster_name = \"edge-1\"\nregion = \"eu-west-1\"\n\
+             kubernetes_version = \"1.31\"\nnodeadm_path = \"{}\"\nremote_node_cidrs = [\"10.80.0.0/16\"]\n",
+            self.wrapper.display()
+        )
+    }
+
     /// The `[bootstrap]` section for this node, with `extra` lines appended to `[bootstrap]`.
     pub fn config_text(&self, extra: &str) -> String {
         format!(
-            r#"
-[bootstrap]
-enabled = true
-cluster_name = "edge-1"
-region = "eu-west-1"
-kubernetes_version = "1.31"
-nodeadm_path = "{}"
-node_ip = "10.80.0.5"
-remote_node_cidrs = ["10.80.0.0/16"]
+            r#"{}node_ip = "10.80.0.5"
 kubelet_flags = ["--node-labels=site=plant-1"]
 {extra}
 [bootstrap.ssm]
 activation_id = "{ACTIVATION_ID}"
 activation_code_file = "{}"
 "#,
-            self.wrapper.display(),
+            self.cluster_lines(),
             self.code_file.display()
         )
     }
@@ -146,15 +147,7 @@ activation_code_file = "{}"
     /// The `[bootstrap]` section for this node with IAM Roles Anywhere credentials.
     pub fn iam_ra_config_text(&self) -> String {
         format!(
-            r#"
-[bootstrap]
-enabled = true
-cluster_name = "edge-1"
-region = "eu-west-1"
-kubernetes_version = "1.31"
-credential_provider = "iam-ra"
-nodeadm_path = "{}"
-remote_node_cidrs = ["10.80.0.0/16"]
+            r#"{}credential_provider = "iam-ra"
 [bootstrap.iam_ra]
 trust_anchor_arn = "arn:aws:rolesanywhere:eu-west-1:111122223333:trust-anchor/a"
 profile_arn = "arn:aws:rolesanywhere:eu-west-1:111122223333:profile/b"
@@ -163,7 +156,7 @@ node_name = "plant-1"
 certificate_path = "/etc/iam/pki/server.pem"
 private_key_path = "/etc/iam/pki/server.key"
 "#,
-            self.wrapper.display()
+            self.cluster_lines()
         )
     }
 
