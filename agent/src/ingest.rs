@@ -28,7 +28,7 @@
 //! acknowledgements go out, then sends DISCONNECT through the same queue.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -151,6 +151,9 @@ impl Acker {
 #[derive(Debug, Default)]
 pub struct PendingAcks {
     queue: Mutex<VecDeque<AckToken>>,
+    /// The queue's length, so the poller skips the lock on every event while nothing waits
+    /// (almost always). Written under the lock.
+    waiting: AtomicUsize,
 }
 
 impl PendingAcks {
@@ -163,11 +166,16 @@ impl PendingAcks {
                 queue.push_back(token);
             }
         }
+        self.waiting.store(queue.len(), Ordering::Release);
     }
 
     /// Moves waiting PUBACKs of `epoch` into rumqttc's request queue while it has room; drops
-    /// those of earlier connections. Returns how many still wait.
-    fn flush(&self, client: &Client, epoch: u64) -> usize {
+    /// those of earlier connections. If it is full, rumqttc's event loop has requests to write
+    /// and returns to the poller soon, which calls this again.
+    fn flush(&self, client: &Client, epoch: u64) {
+        if self.len() == 0 {
+            return;
+        }
         let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while let Some(token) = queue.front() {
             if token.epoch == epoch && client.try_ack(token.pkid, token.qos).is_err() {
@@ -175,16 +183,17 @@ impl PendingAcks {
             }
             queue.pop_front();
         }
-        queue.len()
+        self.waiting.store(queue.len(), Ordering::Release);
     }
 
     /// Forgets every waiting PUBACK (the connection they belong to is gone).
     fn clear(&self) {
         self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        self.waiting.store(0, Ordering::Release);
     }
 
     fn len(&self) -> usize {
-        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+        self.waiting.load(Ordering::Acquire)
     }
 }
 
@@ -268,9 +277,7 @@ pub async fn run(session: Session, ingest: Ingest, shutdown: CancellationToken, 
     let mut current_epoch = 0u64;
     let mut ever_connected = false;
     loop {
-        if pending.flush(&client, current_epoch) > 0 {
-            tracing::trace!("PUBACKs waiting for room in the MQTT request queue");
-        }
+        pending.flush(&client, current_epoch);
         let event = tokio::select! {
             // Only after the drain: the DISCONNECT is then out or the broker is gone.
             _ = finished.cancelled() => break,
