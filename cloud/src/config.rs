@@ -80,6 +80,12 @@ pub struct ProcessConfig {
     pub checkpoint_interval: Duration,
     /// Idle time after which a partition with open windows gets a tick.
     pub idle_timeout: Duration,
+    /// How far an event time may lie ahead of its Kafka timestamp. A reading further ahead is a
+    /// dead letter (`timestamp_out_of_range`); an agent's dead letter further ahead counts as
+    /// this far ahead (ticks: never past their timestamp). Bounds every partition's clock (both
+    /// stages) against the broker's, so one far-future time cannot close every window and seal
+    /// every hour early.
+    pub max_future_skew: Duration,
 }
 
 impl Default for ProcessConfig {
@@ -89,6 +95,7 @@ impl Default for ProcessConfig {
             allowed_lateness: Duration::from_secs(30),
             checkpoint_interval: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(60),
+            max_future_skew: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -222,6 +229,7 @@ pub struct ProcessSettings {
     pub allowed_lateness: std::time::Duration,
     pub checkpoint_interval: std::time::Duration,
     pub idle_timeout: std::time::Duration,
+    pub max_future_skew: std::time::Duration,
 }
 
 /// Validated `[sink]`.
@@ -307,6 +315,7 @@ impl Config {
         }
         positive("process.checkpoint_interval", p.checkpoint_interval)?;
         positive("process.idle_timeout", p.idle_timeout)?;
+        positive("process.max_future_skew", p.max_future_skew)?;
 
         let s = &self.sink;
         if s.spool_dir.as_os_str().is_empty() {
@@ -381,6 +390,7 @@ impl Config {
                 allowed_lateness: p.allowed_lateness.get(),
                 checkpoint_interval: p.checkpoint_interval.get(),
                 idle_timeout: p.idle_timeout.get(),
+                max_future_skew: p.max_future_skew.get(),
             },
             sink: SinkSettings {
                 spool_dir: s.spool_dir.clone(),

@@ -1,7 +1,7 @@
 //! Kafka plumbing shared by both stages: client configuration, the consumer context (rebalance
 //! events, statistics, broker health), control-record production and offset commits.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -112,6 +112,66 @@ pub struct KafkaHealth {
     pub up: AtomicBool,
     /// Unix milliseconds of the last statistics report.
     pub last_stats_ms: AtomicI64,
+    /// Partitions halted on an unreadable checkpoint: `"<stage> <topic>/<partition>"` → why.
+    pub halted: Mutex<BTreeMap<String, String>>,
+}
+
+impl KafkaHealth {
+    /// What is halted, for `/readyz`; `None` when nothing is.
+    pub fn halted(&self) -> Option<String> {
+        let halted = self.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if halted.is_empty() {
+            return None;
+        }
+        Some(halted.iter().map(|(what, why)| format!("{what}: {why}")).collect::<Vec<_>>().join("; "))
+    }
+}
+
+fn halted_key(stage: Stage, topic: &str, partition: i32) -> String {
+    format!("{stage:?} {topic}/{partition}")
+}
+
+/// Halts a partition whose committed offset points at a checkpoint that does not parse.
+///
+/// State that cannot be read is not empty state: carrying on without it would emit wrong
+/// windows (and lose the open ones), and the next checkpoint would commit past inputs whose
+/// effects were lost. So the stage reads nothing more of the partition (paused; anything
+/// already fetched is ignored by the caller), commits nothing for it, says why in the log (an
+/// ERROR: an operator must act), in `/readyz` and in `edgeflow_aggregator_halted_partitions`,
+/// and keeps its other partitions going. A revocation or a restart reads the checkpoint again.
+pub fn halt(
+    consumer: &StageConsumer,
+    health: &KafkaHealth,
+    metrics: &Metrics,
+    stage: Stage,
+    (topic, partition): (&str, i32),
+    offset: i64,
+    error: &dyn std::fmt::Display,
+) {
+    tracing::error!(
+        ?stage,
+        topic,
+        partition,
+        offset,
+        %error,
+        "the committed checkpoint does not parse: partition halted, nothing past it is processed or committed; see the runbook EdgeflowPartitionHalted"
+    );
+    if let Err(error) = set_paused(consumer, &[(topic.to_owned(), partition)], true) {
+        tracing::warn!(topic, partition, %error, "pausing a halted partition failed (its records are ignored)");
+    }
+    let why = format!("checkpoint at offset {offset} does not parse");
+    let mut halted = health.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if halted.insert(halted_key(stage, topic, partition), why).is_none() {
+        metrics.halted.get_or_create_owned(&StageLabels { stage }).inc();
+    }
+}
+
+/// Forgets a halted partition (revoked: its next owner reads the checkpoint again).
+pub fn unhalt(health: &KafkaHealth, metrics: &Metrics, stage: Stage, topic: &str, partition: i32) {
+    let mut halted = health.halted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if halted.remove(&halted_key(stage, topic, partition)).is_some() {
+        metrics.halted.get_or_create_owned(&StageLabels { stage }).dec();
+    }
 }
 
 /// The consumer context of a stage.

@@ -102,6 +102,10 @@ impl Status for AggregatorStatus {
         let kafka_ok = self.kafka.up.load(Ordering::Relaxed) && stats_age < 30_000;
         let mut checks =
             vec![Check::new("kafka", kafka_ok, if kafka_ok { "a broker is up" } else { "no broker reachable" })];
+        match self.kafka.halted() {
+            None => checks.push(Check::new("checkpoints", true, "every assigned partition's state was read")),
+            Some(halted) => checks.push(Check::new("checkpoints", false, format!("halted: {halted}"))),
+        }
         if let Some(s3) = &self.s3 {
             let failing = s3.failing_since_ms.load(Ordering::Relaxed);
             let ever_ok = s3.last_ok_ms.load(Ordering::Relaxed) > 0;

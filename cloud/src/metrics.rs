@@ -117,6 +117,8 @@ pub struct Metrics {
     pub lag: Family<StageLabels, Gauge>,
     /// Partitions assigned to this instance.
     pub assigned: Family<StageLabels, Gauge>,
+    /// Assigned partitions halted because their checkpoint cannot be read (operator action).
+    pub halted: Family<StageLabels, Gauge>,
 }
 
 impl Metrics {
@@ -150,6 +152,7 @@ impl Metrics {
             checkpoint_age: Family::default(),
             lag: Family::default(),
             assigned: Family::default(),
+            halted: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("edgeflow_aggregator");
         r.register("records_consumed", "Input records read (control records excluded)", m.consumed.clone());
@@ -227,6 +230,11 @@ impl Metrics {
             m.lag.clone(),
         );
         r.register("assigned_partitions", "Partitions assigned to this instance", m.assigned.clone());
+        r.register(
+            "halted_partitions",
+            "Assigned partitions halted because their checkpoint cannot be read (nothing past it is processed or committed)",
+            m.halted.clone(),
+        );
 
         for stage in [Stage::process, Stage::sink] {
             let s = StageLabels { stage };
@@ -236,6 +244,7 @@ impl Metrics {
             m.checkpoint_age.get_or_create_owned(&s);
             m.lag.get_or_create_owned(&s);
             m.assigned.get_or_create_owned(&s);
+            m.halted.get_or_create_owned(&s);
         }
         for reason in FilterReason::ALL {
             m.rejected.get_or_create_owned(&ReasonLabels { reason: reason.as_str().into() });

@@ -183,7 +183,10 @@ pub struct DeadLetterOut<'a> {
     pub seq: Option<u64>,
     /// The raw record's Kafka timestamp (milliseconds), 0 when the broker gave none.
     pub received_at_ms: i64,
+    /// The raw value, or its first bytes when it was larger than a dead letter may carry.
     pub payload: Cow<'a, [u8]>,
+    /// The raw value's size in bytes (larger than `payload` when that is a prefix).
+    pub payload_size: u64,
 }
 
 impl Processed<'_> {
@@ -245,6 +248,7 @@ impl Processed<'_> {
                 wire.received_at_ms = Some(d.received_at_ms);
                 encoded_payload = STANDARD.encode(&d.payload);
                 wire.payload = Some(Cow::Borrowed(&encoded_payload));
+                wire.payload_size = (d.payload_size != d.payload.len() as u64).then_some(d.payload_size);
             }
         }
         // Strings, integers and finite floats serialise into memory infallibly; every float
@@ -318,6 +322,7 @@ impl<'a> Processed<'a> {
                     node_id: w.node_id,
                     seq: w.seq,
                     received_at_ms: w.received_at_ms.unwrap_or(0),
+                    payload_size: w.payload_size.unwrap_or(payload.len() as u64),
                     payload: Cow::Owned(payload),
                 })
             }
@@ -370,6 +375,9 @@ struct Wire<'a> {
     received_at_ms: Option<i64>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     payload: Option<Cow<'a, str>>,
+    /// A dead letter's original size, when its payload is a prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    payload_size: Option<u64>,
 }
 
 #[cfg(test)]
@@ -424,6 +432,18 @@ mod tests {
                 seq: None,
                 received_at_ms: 1_735_207_201_234,
                 payload: Cow::Owned(vec![0xff, b'{']),
+                payload_size: 2,
+            }),
+            // A prefix of a larger value.
+            Processed::DeadLetter(DeadLetterOut {
+                source: Source { partition: 1, offset: 6 },
+                reason: "oversized".into(),
+                detail: "payload truncated".into(),
+                node_id: Some("n".into()),
+                seq: Some(3),
+                received_at_ms: 1,
+                payload: Cow::Owned(vec![b'{'; 4]),
+                payload_size: 1_000_000,
             }),
         ];
         for v in values {

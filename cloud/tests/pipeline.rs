@@ -6,55 +6,13 @@ mod common;
 use std::time::Duration;
 
 use anyhow::Result;
+use arrow_array::Array;
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Float64Type, Int64Type, TimestampMillisecondType};
-use arrow_array::{Array, RecordBatch};
-use arrow_schema::{DataType, TimeUnit};
+use arrow_array::types::Int64Type;
 use common::*;
 use edgeflow_aggregator::Stages;
 use edgeflow_aggregator::processed::Processed;
 use edgeflow_testkit::kafka;
-
-/// Minute `m`, second `s` of hour 10.
-fn at(m: i64, s: i64) -> i64 {
-    H10 + m * MIN + s * 1000
-}
-
-fn strings(b: &RecordBatch, name: &str) -> Vec<Option<String>> {
-    let c = b.column_by_name(name).unwrap_or_else(|| panic!("column {name}"));
-    let a = c.as_string::<i32>();
-    (0..a.len()).map(|i| (!a.is_null(i)).then(|| a.value(i).to_owned())).collect()
-}
-
-fn ints(b: &RecordBatch, name: &str) -> Vec<i64> {
-    b.column_by_name(name).unwrap_or_else(|| panic!("column {name}")).as_primitive::<Int64Type>().values().to_vec()
-}
-
-fn floats(b: &RecordBatch, name: &str) -> Vec<f64> {
-    b.column_by_name(name).unwrap_or_else(|| panic!("column {name}")).as_primitive::<Float64Type>().values().to_vec()
-}
-
-fn times(b: &RecordBatch, name: &str) -> Vec<i64> {
-    let c = b.column_by_name(name).unwrap_or_else(|| panic!("column {name}"));
-    assert_eq!(
-        c.data_type(),
-        &DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
-        "{name} is a UTC millisecond timestamp"
-    );
-    c.as_primitive::<TimestampMillisecondType>().values().to_vec()
-}
-
-fn bools(b: &RecordBatch, name: &str) -> Vec<bool> {
-    let a = b.column_by_name(name).unwrap_or_else(|| panic!("column {name}")).as_boolean().clone();
-    (0..a.len()).map(|i| a.value(i)).collect()
-}
-
-fn key_of(keys: &[String], family: &str, topic_partition: &str) -> String {
-    let mut matching: Vec<&String> =
-        keys.iter().filter(|k| k.contains(&format!("/{family}_20241226T10Z_{topic_partition}_"))).collect();
-    assert_eq!(matching.len(), 1, "one {family} file for {topic_partition} in hour 10: {keys:#?}");
-    matching.remove(0).clone()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn windows_and_files_match_hand_computed_values() -> Result<()> {
@@ -206,6 +164,7 @@ async fn bad_records_are_counted_and_kept_and_the_stream_goes_on() -> Result<()>
     let agg = Running::start(env.settings("a", &[("metrics.listen", &listen)])?, Stages::Both);
     let p = producer(&env.bootstrap())?;
     let received = H10 + 20_000;
+    // A broken or forged value that claims n0's seq 2: its claim is not provenance.
     let wrong_schema =
         br#"{"device_id":"d0","timestamp":"2024-12-26T10:00:21Z","humidity":1,"status":"OK","node_id":"n0","seq":2}"#
             .to_vec();
@@ -216,9 +175,9 @@ async fn bad_records_are_counted_and_kept_and_the_stream_goes_on() -> Result<()>
             (0, "d0", raw("d0", at(0, 10), 20.0, 40.0, "OK", "n0", 1), received),
             (0, "d0", b"}{ not json".to_vec(), received),
             (0, "d0", wrong_schema.clone(), received),
-            // The agent resent the bad record: still one dead letter.
+            // Sent again: kept again (what an invalid value claims is never used for dedup).
             (0, "d0", wrong_schema, received),
-            (0, "d0", raw("d0", at(0, 30), 21.0, 40.0, "OK", "n0", 3), received),
+            (0, "d0", raw("d0", at(0, 30), 21.0, 40.0, "OK", "n0", 2), received),
         ],
     )
     .await?;
@@ -226,7 +185,7 @@ async fn bad_records_are_counted_and_kept_and_the_stream_goes_on() -> Result<()>
         &p,
         DLQ,
         &[
-            (0, "n0", dead_letter("n0", 4, "bad_json", &[0xff, 0x00, b'{'], received), received),
+            (0, "n0", dead_letter("n0", 3, "bad_json", &[0xff, 0x00, b'{'], received), received),
             (0, "n9", dead_letter("n9", 100, "buffer_created", b"", received), received),
             (0, "x", b"not an envelope".to_vec(), received),
         ],
@@ -237,12 +196,12 @@ async fn bad_records_are_counted_and_kept_and_the_stream_goes_on() -> Result<()>
         &p,
         RAW,
         &[
-            (0, "d0", raw("d0", at(60, 30), 22.0, 40.0, "OK", "n0", 5), at(60, 30)),
-            (0, "d0", raw("d0", at(62, 0), 22.0, 40.0, "OK", "n0", 7), at(62, 0)),
+            (0, "d0", raw("d0", at(60, 30), 22.0, 40.0, "OK", "n0", 4), at(60, 30)),
+            (0, "d0", raw("d0", at(62, 0), 22.0, 40.0, "OK", "n0", 6), at(62, 0)),
         ],
     )
     .await?;
-    produce_at(&p, DLQ, &[(0, "n0", dead_letter("n0", 6, "bad_json", b"x", at(62, 0)), at(62, 0))]).await?;
+    produce_at(&p, DLQ, &[(0, "n0", dead_letter("n0", 5, "bad_json", b"x", at(62, 0)), at(62, 0))]).await?;
 
     let manifests = [env.manifest_key(H10, PROCESSED, 0), env.manifest_key(H10, DLQ, 0)];
     let keys = env
@@ -250,15 +209,26 @@ async fn bad_records_are_counted_and_kept_and_the_stream_goes_on() -> Result<()>
         .await?;
 
     let f = env.parquet(&key_of(&keys, "filtered", "processed-data-0")).await?;
-    assert_eq!(ints(&f, "Seq"), vec![1, 3]);
+    assert_eq!(ints(&f, "Seq"), vec![1, 2]);
     let d = env.parquet(&key_of(&keys, "deadletter", "processed-data-0")).await?;
-    assert_eq!(strings(&d, "Reason"), vec![Some("bad_json".into()), Some("missing_field".into())]);
-    assert_eq!(strings(&d, "NodeId"), vec![None, Some("n0".into())]);
+    assert_eq!(
+        strings(&d, "Reason"),
+        vec![Some("bad_json".into()), Some("missing_field".into()), Some("missing_field".into())]
+    );
+    assert_eq!(strings(&d, "NodeId"), vec![None, None, None], "claimed provenance is not provenance");
     let seq = d.column_by_name("Seq").expect("Seq").as_primitive::<Int64Type>().clone();
-    assert!(seq.is_null(0) && seq.value(1) == 2);
+    assert_eq!(seq.null_count(), 3);
+    let detail = strings(&d, "Detail");
+    assert!(
+        detail[1].as_deref().is_some_and(|t| t.ends_with(r#"(claims node_id Some("n0"), seq Some(2))"#)),
+        "{detail:?}"
+    );
     assert_eq!(d.column_by_name("Payload").expect("Payload").as_binary::<i32>().value(0), b"}{ not json");
-    assert_eq!(times(&d, "ReceivedAt"), vec![received, received]);
-    assert_eq!(strings(&d, "Source"), vec![Some("raw-data/0@1".into()), Some("raw-data/0@2".into())]);
+    assert_eq!(times(&d, "ReceivedAt"), vec![received, received, received]);
+    assert_eq!(
+        strings(&d, "Source"),
+        vec![Some("raw-data/0@1".into()), Some("raw-data/0@2".into()), Some("raw-data/0@3".into())]
+    );
 
     let q = env.parquet(&key_of(&keys, "deadletter", "raw-data-dlq-0")).await?;
     assert_eq!(
@@ -269,23 +239,23 @@ async fn bad_records_are_counted_and_kept_and_the_stream_goes_on() -> Result<()>
     assert_eq!(q.column_by_name("Payload").expect("Payload").as_binary::<i32>().value(0), &[0xff, 0x00, b'{']);
     assert_eq!(strings(&q, "Source")[0].as_deref(), Some("devices/x/telemetry"));
 
-    // Every seq of hour 10 is accounted for; the two values without provenance are listed.
+    // Every seq of n0 in hour 10 is accounted for; the values without provenance are listed.
     let report = edgeflow_aggregator::verify::verify(
         &edgeflow_aggregator::s3::S3::new(&env.settings("v", &[])?.s3).await,
         PREFIX,
     )
     .await?;
     assert!(report.ok, "{}", report.render());
-    assert_eq!(report.unattributed_deadletters, 2);
+    assert_eq!(report.unattributed_deadletters, 4);
     let n0 = report.nodes.iter().find(|n| n.node_id == "n0").expect("n0");
-    assert_eq!((n0.min_seq, n0.max_seq, n0.records, n0.deadletter), (1, 4, 4, 2));
+    assert_eq!((n0.min_seq, n0.max_seq, n0.records, n0.deadletter), (1, 3, 3, 1));
 
     // Counted by reason, visible on /metrics; health and readiness answer.
     let (status, text) = http_get(port, "/metrics").await?;
     assert_eq!(status, 200);
     assert_eq!(metric(&text, "edgeflow_aggregator_deadletters_total{reason=\"bad_json\"}"), Some(1.0), "{text}");
-    assert_eq!(metric(&text, "edgeflow_aggregator_deadletters_total{reason=\"missing_field\"}"), Some(1.0));
-    assert_eq!(metric(&text, "edgeflow_aggregator_duplicates_dropped_total{stage=\"process\"}"), Some(1.0));
+    assert_eq!(metric(&text, "edgeflow_aggregator_deadletters_total{reason=\"missing_field\"}"), Some(2.0));
+    assert_eq!(metric(&text, "edgeflow_aggregator_duplicates_dropped_total{stage=\"process\"}"), Some(0.0));
     assert_eq!(metric(&text, "edgeflow_aggregator_foreign_records_total"), Some(1.0));
     assert_eq!(metric(&text, "edgeflow_aggregator_records_filtered_total"), Some(4.0));
     assert!(metric(&text, "edgeflow_aggregator_files_uploaded_total{family=\"deadletter\"}").is_some_and(|n| n >= 2.0));
@@ -345,6 +315,7 @@ mod emit {
             seq: None,
             received_at_ms: t,
             payload: Cow::Borrowed(b"{"),
+            payload_size: 1,
         })
         .to_json()
     }

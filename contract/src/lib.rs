@@ -17,7 +17,7 @@ pub mod reading;
 pub mod record;
 
 pub use deadletter::{DeadLetter, MarkerKind};
-pub use reading::{Limits, Reading, RejectReason, Rejection, TimeBounds};
+pub use reading::{Limits, MAX_ABS_NUMBER, Reading, RejectReason, Rejection, TimeBounds};
 pub use record::{Provenance, RawRecord};
 
 /// Default Kafka topic names. Operators may rename them in configuration.

@@ -42,6 +42,8 @@ pub enum RejectReason {
     DuplicateField,
     /// A number overflows to infinity.
     NonFiniteNumber,
+    /// A finite number whose magnitude exceeds [`MAX_ABS_NUMBER`].
+    NumberOutOfRange,
     /// `timestamp` is not RFC 3339.
     BadTimestamp,
     /// `timestamp` is further in the past or future than the configured bounds allow.
@@ -54,7 +56,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, for pre-registering metric label values.
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 13] = [
         Self::Oversized,
         Self::NotUtf8,
         Self::BadJson,
@@ -63,6 +65,7 @@ impl RejectReason {
         Self::WrongType,
         Self::DuplicateField,
         Self::NonFiniteNumber,
+        Self::NumberOutOfRange,
         Self::BadTimestamp,
         Self::TimestampOutOfRange,
         Self::BadDeviceId,
@@ -80,6 +83,7 @@ impl RejectReason {
             Self::WrongType => "wrong_type",
             Self::DuplicateField => "duplicate_field",
             Self::NonFiniteNumber => "non_finite_number",
+            Self::NumberOutOfRange => "number_out_of_range",
             Self::BadTimestamp => "bad_timestamp",
             Self::TimestampOutOfRange => "timestamp_out_of_range",
             Self::BadDeviceId => "bad_device_id",
@@ -119,6 +123,14 @@ impl fmt::Display for Rejection {
 }
 
 impl std::error::Error for Rejection {}
+
+/// The largest magnitude accepted for `temperature` and `humidity`.
+///
+/// Every quantity a telemetry device reports lies far inside it, and it keeps the aggregator's
+/// arithmetic finite: a window's sum of up to 2^53 readings stays below 1e28, far from
+/// `f64::MAX`. Without it, two readings near `f64::MAX` overflow a window's sum to infinity,
+/// which JSON cannot carry (a checkpoint holding it would not parse back).
+pub const MAX_ABS_NUMBER: f64 = 1e12;
 
 /// Size bounds applied to every payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,7 +333,11 @@ fn number_field(name: &'static str, raw: Option<&RawValue>) -> Result<f64, Rejec
         ));
     }
     match serde_json::from_str::<f64>(raw.get()) {
-        Ok(v) if v.is_finite() => Ok(v),
+        Ok(v) if v.is_finite() && v.abs() <= MAX_ABS_NUMBER => Ok(v),
+        Ok(v) if v.is_finite() => Err(Rejection::new(
+            RejectReason::NumberOutOfRange,
+            format!("field `{name}` is outside ±{MAX_ABS_NUMBER:e}"),
+        )),
         _ => Err(Rejection::new(RejectReason::NonFiniteNumber, format!("field `{name}` is not a finite number"))),
     }
 }
@@ -427,6 +443,9 @@ mod tests {
         assert_eq!(reason(&ok("\"device123\"", "7")), RejectReason::WrongType);
         assert_eq!(reason(&ok("72.5", "1e400")), RejectReason::NonFiniteNumber);
         assert_eq!(reason(&ok("72.5", "NaN")), RejectReason::BadJson);
+        assert_eq!(reason(&ok("55.2", "1.7e308")), RejectReason::NumberOutOfRange);
+        assert_eq!(reason(&ok("72.5", "-1.000001e12")), RejectReason::NumberOutOfRange);
+        assert_eq!(parse(&ok("72.5", "-1e12")).map(|r| r.temperature), Ok(-1e12));
         assert_eq!(reason(&ok("2024-12-26T10:00:00Z", "yesterday")), RejectReason::BadTimestamp);
         assert_eq!(reason(&ok("2024-12-26T10:00:00Z", "2024-13-26T10:00:00Z")), RejectReason::BadTimestamp);
         assert_eq!(reason(&ok("\"device123\"", "\"\"")), RejectReason::BadDeviceId);
@@ -481,7 +500,10 @@ mod tests {
 
             /// Any finite reading survives a serialise/parse round trip exactly.
             #[test]
-            fn finite_numbers_round_trip(t in proptest::num::f64::NORMAL | proptest::num::f64::ZERO, h in -1e6f64..1e6) {
+            fn finite_numbers_round_trip(
+                t in (proptest::num::f64::NORMAL | proptest::num::f64::ZERO).prop_filter("in range", |t| t.abs() <= MAX_ABS_NUMBER),
+                h in -1e6f64..1e6,
+            ) {
                 let payload = serde_json::json!({
                     "device_id": "d", "timestamp": "2024-12-26T10:00:00Z",
                     "temperature": t, "humidity": h, "status": "OK"

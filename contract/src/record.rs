@@ -92,6 +92,22 @@ impl<'a> RawRecord<'a> {
         out
     }
 
+    /// The provenance of a value that [`RawRecord::parse`] refused only because a number is out
+    /// of range ([`RejectReason::NumberOutOfRange`]): a well-formed record whose reading a rule
+    /// refuses, so its `(node_id, seq)` is as good as any record's. `None` for anything else.
+    pub fn refused_provenance(value: &'a [u8], rejection: &Rejection, limits: &Limits) -> Option<Provenance<'a>> {
+        if rejection.reason != RejectReason::NumberOutOfRange {
+            return None;
+        }
+        let fields = parse_fields(value, limits).ok()?;
+        let node_id = string_field("node_id", fields.node_id).ok()?;
+        if node_id.is_empty() || node_id.len() > limits.max_device_id_bytes {
+            return None;
+        }
+        let seq = u64_field("seq", fields.seq).ok()?;
+        Some(Provenance { node_id, seq })
+    }
+
     /// Parses and re-validates a `raw-data` value (without time bounds: consumers have no
     /// business second-guessing the agent's clock, and must stay deterministic on replay).
     pub fn parse(value: &'a [u8], limits: &Limits) -> Result<Self, Rejection> {
@@ -146,6 +162,20 @@ mod tests {
             let back = RawRecord::parse(&split, &Limits::default()).expect("parses");
             assert_eq!(back.provenance.seq, seq);
         }
+    }
+
+    #[test]
+    fn only_a_record_refused_by_a_range_rule_keeps_its_provenance() {
+        let limits = Limits::default();
+        let huge = br#"{"device_id":"d","timestamp":"2024-12-26T10:00:00Z","temperature":1,"humidity":1e300,"status":"OK","node_id":"n","seq":9}"#;
+        let err = RawRecord::parse(huge, &limits).expect_err("out of range");
+        assert_eq!(err.reason, RejectReason::NumberOutOfRange);
+        let p = RawRecord::refused_provenance(huge, &err, &limits).expect("provenance");
+        assert_eq!((p.node_id.as_ref(), p.seq), ("n", 9));
+        let missing =
+            br#"{"device_id":"d","timestamp":"2024-12-26T10:00:00Z","humidity":1,"status":"OK","node_id":"n","seq":9}"#;
+        let err = RawRecord::parse(missing, &limits).expect_err("missing");
+        assert_eq!(RawRecord::refused_provenance(missing, &err, &limits), None);
     }
 
     #[test]

@@ -81,6 +81,9 @@ enum Phase {
     AwaitFirst,
     /// Processing (after a restore, from the checkpoint's resume offset).
     Active,
+    /// The committed checkpoint does not parse: nothing is processed or committed
+    /// ([`kafka::halt`]).
+    Halted,
 }
 
 #[derive(Debug)]
@@ -119,6 +122,7 @@ pub struct ProcessStage {
     acks: Arc<AckTracker>,
     control: ControlProducer,
     metrics: Metrics,
+    health: Arc<KafkaHealth>,
     slots: HashMap<i32, Slot>,
     generation: u64,
     done_tx: mpsc::UnboundedSender<CheckpointDone>,
@@ -138,7 +142,7 @@ impl ProcessStage {
     /// partitions as raw-data).
     pub fn new(settings: &Settings, metrics: Metrics, health: Arc<KafkaHealth>) -> Result<Self, ProcessError> {
         let k = &settings.kafka;
-        let context = StageContext::new(Stage::process, metrics.clone(), health);
+        let context = StageContext::new(Stage::process, metrics.clone(), health.clone());
         let consumer = kafka::subscribe(k, &k.process_group(), &[&k.raw_topic], context)?;
         let timeout = Duration::from_secs(30);
         let raw = kafka::partition_count(consumer.as_ref(), &k.raw_topic, timeout)?;
@@ -161,6 +165,7 @@ impl ProcessStage {
         let rules = Rules {
             temperature_max: settings.process.temperature_max,
             allowed_lateness_ms: settings.process.allowed_lateness.as_millis() as i64,
+            max_future_skew_ms: settings.process.max_future_skew.as_millis().min(i64::MAX as u128) as i64,
         };
         let counters = metrics.process_counters(&k.raw_topic);
         Ok(Self {
@@ -171,6 +176,7 @@ impl ProcessStage {
             acks,
             control,
             metrics,
+            health,
             slots: HashMap::new(),
             generation: 0,
             done_tx,
@@ -216,10 +222,11 @@ impl ProcessStage {
             match event {
                 Assignment::Revoked(parts) => {
                     tracing::info!(partitions = %kafka::describe(&parts), "raw-data partitions revoked");
-                    for (_, p) in parts {
+                    for (topic, p) in parts {
                         if let Some(slot) = self.slots.remove(&p) {
                             slot.token.cancel();
                         }
+                        kafka::unhalt(&self.health, &self.metrics, Stage::process, &topic, p);
                     }
                 }
                 Assignment::Assigned(parts) => {
@@ -304,7 +311,18 @@ impl ProcessStage {
                             return;
                         }
                         Err(error) => {
-                            tracing::warn!(partition = p, offset, %error, "unreadable checkpoint; starting with empty state here");
+                            slot.phase = Phase::Halted;
+                            let topic = &self.settings.kafka.raw_topic;
+                            kafka::halt(
+                                &self.consumer,
+                                &self.health,
+                                &self.metrics,
+                                Stage::process,
+                                (topic, p),
+                                offset,
+                                &error,
+                            );
+                            return;
                         }
                     }
                 } else if offset == 0 {
@@ -331,6 +349,7 @@ impl ProcessStage {
                     return;
                 }
             }
+            Phase::Halted => return,
         }
         slot.position = offset + 1;
         slot.last_input = Instant::now();
@@ -342,7 +361,7 @@ impl ProcessStage {
                 slot.dirty = true;
                 match Tick::parse(m.payload().unwrap_or_default()) {
                     Ok(tick) => {
-                        let outcome = slot.processor.tick(offset, tick.time_ms, &mut emitted);
+                        let outcome = slot.processor.tick(offset, tick.time_ms, kafka::timestamp_ms(m), &mut emitted);
                         self.counters.windows_device.inc_by(outcome.device_windows.into());
                         self.counters.windows_all.inc_by(outcome.partial_windows.into());
                     }
@@ -432,6 +451,9 @@ impl ProcessStage {
         let partitions: Vec<i32> = self.slots.keys().copied().collect();
         for p in partitions {
             let Some(slot) = self.slots.get_mut(&p) else { continue };
+            if slot.phase == Phase::Halted {
+                continue;
+            }
             open_windows += slot.processor.open_windows();
             oldest_checkpoint = oldest_checkpoint.max(slot.last_checkpoint.elapsed());
             if slot.cursor.is_stalled(STALL)

@@ -7,7 +7,15 @@
 //!
 //! For one input, in this order:
 //! 1. **Decode** with [`RawRecord::parse`]. A value that is not a valid record becomes a
-//!    `deadletter` output (reason from the contract), with `node_id`/`seq` when they can be read.
+//!    `deadletter` output (reason from the contract). The provenance it claims is not trusted:
+//!    it is quoted in the dead letter's detail, and the dead letter has no `node_id`/`seq`.
+//!    A well-formed record is refused — a dead letter *with* its `node_id` (and `seq`) — when a
+//!    number is out of range (`number_out_of_range`), its `seq` is beyond the signed 64-bit
+//!    range (`seq_out_of_range`, no `seq`) or its event time lies more than `max_future_skew`
+//!    ahead of its broker timestamp (`timestamp_out_of_range`).
+//!    A dead letter carries at most [`DEADLETTER_PAYLOAD_MAX`] bytes of the value (and its size),
+//!    so it always fits a Kafka message. **Nothing refused changes the state** (high-waters,
+//!    clock, windows): one forged value cannot hide the records that follow it.
 //! 2. **Dedup** on `(node_id, seq)`: `high[node]` is the largest `seq` seen; `seq <= high` is a
 //!    duplicate, dropped without output. Exact, without a per-record set, because the agent keys
 //!    by `device_id` with a deterministic partitioner and produces a node's records in `seq`
@@ -21,7 +29,8 @@
 //!    per device and all-devices. If that window is already closed (its end is at or below the
 //!    watermark) the record is *late*: it is emitted as two late corrections — a per-device and
 //!    an all-devices delta with `late: true` — instead of being added.
-//! 5. **Clock**: `max_event` = the largest event time seen (records and ticks); watermark =
+//! 5. **Clock**: `max_event` = the largest event time seen (records and ticks; a tick counts as
+//!    at most its broker timestamp); watermark =
 //!    `max_event - allowed_lateness`. Every open window whose end is at or below the watermark
 //!    closes, oldest first: one aggregate per device (in device order) to the own partition, and
 //!    one all-devices partial to partition 0.
@@ -29,7 +38,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use edgeflow_contract::{Limits, RawRecord};
+use edgeflow_contract::{Limits, RawRecord, RejectReason};
 use serde::{Deserialize, Serialize};
 
 use crate::processed::{AggregateOut, DeadLetterOut, FilterReason, Processed, ReadingOut, Source, Sums};
@@ -49,11 +58,14 @@ pub struct Rules {
     pub temperature_max: f64,
     /// How far the watermark trails the largest event time.
     pub allowed_lateness_ms: i64,
+    /// How far ahead of its broker timestamp a record's event time may be; a record further
+    /// ahead is a dead letter. (A tick never moves the clock past its broker timestamp.)
+    pub max_future_skew_ms: i64,
 }
 
 impl Default for Rules {
     fn default() -> Self {
-        Self { temperature_max: 100.0, allowed_lateness_ms: 30_000 }
+        Self { temperature_max: 100.0, allowed_lateness_ms: 30_000, max_future_skew_ms: 15 * 60_000 }
     }
 }
 
@@ -161,7 +173,12 @@ impl Processor {
     }
 
     /// Applies one raw-data record at `offset`; `kafka_timestamp_ms` is the broker's timestamp
-    /// (used only as a dead letter's time).
+    /// (a dead letter's time, and the bound on how far ahead an event time may be).
+    ///
+    /// Only a valid record touches the state: a value that does not parse, a `seq` beyond the
+    /// signed 64-bit range or an event time too far ahead of the broker's timestamp becomes a
+    /// dead letter and changes neither the dedup high-waters nor the clock, so one forged record
+    /// cannot hide the records that follow it.
     pub fn record<'a>(
         &mut self,
         offset: i64,
@@ -170,51 +187,63 @@ impl Processor {
         out: &mut Vec<Emitted<'a>>,
     ) -> Outcome {
         let source = Source { partition: self.partition, offset };
+        let received_at_ms = kafka_timestamp_ms.unwrap_or(0);
         let record = match RawRecord::parse(value, &self.limits) {
             Ok(r) => r,
             Err(rejection) => {
-                let loose: Option<LooseProvenance<'a>> = serde_json::from_slice(value).ok();
-                let (node_id, seq) = loose.map(|l| (l.node_id, l.seq)).unwrap_or((None, None));
-                if let (Some(node), Some(seq)) = (&node_id, seq)
-                    && self.is_duplicate(node, seq)
-                {
-                    return Outcome { kind: OutcomeKind::Duplicate, ..Outcome::default() };
+                let reason = rejection.reason.as_str();
+                if let Some(p) = RawRecord::refused_provenance(value, &rejection, &self.limits) {
+                    // A well-formed record a rule refuses (a number out of range): provenance.
+                    let (node, seq) = (Some(p.node_id), Some(p.seq));
+                    out.push(dead_letter(source, reason, rejection.detail, node, seq, received_at_ms, value));
+                    return Outcome { kind: OutcomeKind::DeadLetter(reason), ..Outcome::default() };
                 }
-                out.push(Emitted {
-                    dest: Dest::Own,
-                    value: Processed::DeadLetter(DeadLetterOut {
-                        source,
-                        reason: Cow::Borrowed(rejection.reason.as_str()),
-                        detail: Cow::Owned(rejection.detail),
-                        node_id,
-                        seq: seq.filter(|s| i64::try_from(*s).is_ok()),
-                        received_at_ms: kafka_timestamp_ms.unwrap_or(0),
-                        payload: Cow::Borrowed(value),
-                    }),
-                });
-                return Outcome { kind: OutcomeKind::DeadLetter(rejection.reason.as_str()), ..Outcome::default() };
+                // What an invalid value claims as provenance is not provenance: it goes into the
+                // detail for the operator, never into the dead letter's node/seq (which `verify`
+                // counts) nor into the dedup state.
+                let mut detail = rejection.detail;
+                let loose: Option<LooseProvenance<'a>> = if value.len() <= self.limits.max_payload_bytes {
+                    serde_json::from_slice(value).ok()
+                } else {
+                    None
+                };
+                if let Some(LooseProvenance { node_id, seq }) = loose
+                    && (node_id.is_some() || seq.is_some())
+                {
+                    let node =
+                        node_id.as_deref().map(|n| n.chars().take(self.limits.max_device_id_bytes).collect::<String>());
+                    detail.push_str(&format!(" (claims node_id {node:?}, seq {seq:?})"));
+                }
+                out.push(dead_letter(source, reason, detail, None, None, received_at_ms, value));
+                return Outcome { kind: OutcomeKind::DeadLetter(reason), ..Outcome::default() };
             }
         };
-        let node = &record.provenance.node_id;
         let seq = record.provenance.seq;
-        if self.is_duplicate(node, seq) {
-            return Outcome { kind: OutcomeKind::Duplicate, ..Outcome::default() };
-        }
-        if i64::try_from(seq).is_err() {
+        let t = record.reading.event_time_ms;
+        let refused = if i64::try_from(seq).is_err() {
             // Parquet (and most engines) store the sequence as a signed 64-bit integer.
-            out.push(Emitted {
-                dest: Dest::Own,
-                value: Processed::DeadLetter(DeadLetterOut {
-                    source,
-                    reason: Cow::Borrowed(SEQ_OUT_OF_RANGE),
-                    detail: Cow::Owned(format!("seq {seq} exceeds the signed 64-bit range")),
-                    node_id: Some(record.provenance.node_id),
-                    seq: None,
-                    received_at_ms: kafka_timestamp_ms.unwrap_or(0),
-                    payload: Cow::Borrowed(value),
-                }),
-            });
-            return Outcome { kind: OutcomeKind::DeadLetter(SEQ_OUT_OF_RANGE), ..Outcome::default() };
+            Some((SEQ_OUT_OF_RANGE, format!("seq {seq} exceeds the signed 64-bit range")))
+        } else if let Some(ts) = kafka_timestamp_ms
+            && t > ts.saturating_add(self.rules.max_future_skew_ms)
+        {
+            Some((
+                RejectReason::TimestampOutOfRange.as_str(),
+                format!(
+                    "timestamp is {}s ahead of the broker's timestamp (at most {}s allowed)",
+                    (t - ts) / 1000,
+                    self.rules.max_future_skew_ms / 1000
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((reason, detail)) = refused {
+            let node = Some(record.provenance.node_id);
+            out.push(dead_letter(source, reason, detail, node, Some(seq), received_at_ms, value));
+            return Outcome { kind: OutcomeKind::DeadLetter(reason), ..Outcome::default() };
+        }
+        if self.is_duplicate(&record.provenance.node_id, seq) {
+            return Outcome { kind: OutcomeKind::Duplicate, ..Outcome::default() };
         }
 
         let r = record.reading;
@@ -225,7 +254,7 @@ impl Processor {
         } else {
             None
         };
-        let (t, temperature, humidity) = (r.event_time_ms, r.temperature, r.humidity);
+        let (temperature, humidity) = (r.temperature, r.humidity);
         let device = r.device_id.clone();
         out.push(Emitted {
             dest: Dest::Own,
@@ -286,9 +315,18 @@ impl Processor {
     }
 
     /// Applies a tick at `offset`: the clock advances to `time_ms` as if a record had that
-    /// event time.
-    pub fn tick<'a>(&mut self, offset: i64, time_ms: i64, out: &mut Vec<Emitted<'a>>) -> Outcome {
+    /// event time, but never past the tick's broker timestamp. A tick is written with the wall
+    /// clock of its writer, which also stamps it, so the bound costs a real tick nothing and
+    /// keeps a forged one from moving the clock ahead of the broker's time.
+    pub fn tick<'a>(
+        &mut self,
+        offset: i64,
+        time_ms: i64,
+        kafka_timestamp_ms: Option<i64>,
+        out: &mut Vec<Emitted<'a>>,
+    ) -> Outcome {
         let mut outcome = Outcome::default();
+        let time_ms = kafka_timestamp_ms.map_or(time_ms, |ts| time_ms.min(ts));
         self.advance(Source { partition: self.partition, offset }, time_ms, out, &mut outcome);
         outcome
     }
@@ -352,6 +390,44 @@ impl Processor {
 /// Dead-letter reason for a `seq` beyond the signed 64-bit range.
 pub const SEQ_OUT_OF_RANGE: &str = "seq_out_of_range";
 
+/// The most of a refused value a dead letter carries: every valid record is smaller
+/// ([`Limits::max_payload_bytes`]), and a dead letter must fit a Kafka message whatever the
+/// producer of the raw value sent (a value near the broker's limit would otherwise make a dead
+/// letter larger than the limit, which Kafka refuses, and the stage could not get past it).
+pub const DEADLETTER_PAYLOAD_MAX: usize = 16 * 1024;
+
+/// A dead letter for a refused raw value, its payload copy bounded by [`DEADLETTER_PAYLOAD_MAX`].
+fn dead_letter<'a>(
+    source: Source,
+    reason: &'static str,
+    mut detail: String,
+    node_id: Option<Cow<'a, str>>,
+    seq: Option<u64>,
+    received_at_ms: i64,
+    value: &'a [u8],
+) -> Emitted<'a> {
+    let payload = if value.len() > DEADLETTER_PAYLOAD_MAX {
+        detail
+            .push_str(&format!(" (payload truncated to its first {DEADLETTER_PAYLOAD_MAX} of {} bytes)", value.len()));
+        &value[..DEADLETTER_PAYLOAD_MAX]
+    } else {
+        value
+    };
+    Emitted {
+        dest: Dest::Own,
+        value: Processed::DeadLetter(DeadLetterOut {
+            source,
+            reason: Cow::Borrowed(reason),
+            detail: Cow::Owned(detail),
+            node_id,
+            seq: seq.filter(|s| i64::try_from(*s).is_ok()),
+            received_at_ms,
+            payload: Cow::Borrowed(payload),
+            payload_size: value.len() as u64,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,7 +445,7 @@ mod tests {
     }
 
     fn rules() -> Rules {
-        Rules { temperature_max: 100.0, allowed_lateness_ms: 10_000 }
+        Rules { temperature_max: 100.0, allowed_lateness_ms: 10_000, max_future_skew_ms: 15 * 60_000 }
     }
 
     fn aggregates(out: &[Emitted<'_>]) -> Vec<(Option<String>, i64, u64, f64, bool)> {
@@ -459,7 +535,7 @@ mod tests {
         }
         assert!(aggregates(&out).is_empty(), "nothing closed before 10:01:10");
         out.clear();
-        p.tick(9, T0 + 130_000, &mut out);
+        p.tick(9, T0 + 130_000, None, &mut out);
         assert_eq!(
             aggregates(&out),
             vec![
@@ -482,7 +558,7 @@ mod tests {
         assert_eq!(p.record(1, &hot, None, &mut out).kind, OutcomeKind::Rejected(FilterReason::TemperatureAboveMax));
         assert_eq!(p.record(2, &edge, None, &mut out).kind, OutcomeKind::Filtered);
         out.clear();
-        p.tick(3, T0 + 200_000, &mut out);
+        p.tick(3, T0 + 200_000, None, &mut out);
         assert_eq!(aggregates(&out), vec![(Some("a".into()), T0, 1, 100.0, false), (None, T0, 1, 100.0, false)]);
     }
 
@@ -494,19 +570,96 @@ mod tests {
         assert_eq!(o.kind, OutcomeKind::DeadLetter("not_utf8"));
         let wrong = br#"{"device_id":"a","timestamp":"2024-12-26T10:00:00Z","temperature":"hot","humidity":1,"status":"OK","node_id":"n","seq":7}"#;
         assert_eq!(p.record(1, wrong, Some(T0), &mut out).kind, OutcomeKind::DeadLetter("wrong_type"));
-        // The same bad record resent by the agent is a duplicate like any other.
-        assert_eq!(p.record(2, wrong, Some(T0), &mut out).kind, OutcomeKind::Duplicate);
+        // The same bad value again is kept again: what an invalid value claims is never trusted
+        // (the sink keeps each copy under its own offset).
+        assert_eq!(p.record(2, wrong, Some(T0), &mut out).kind, OutcomeKind::DeadLetter("wrong_type"));
         let huge_seq = raw("a", T0, 1.0, "OK", "n", u64::MAX);
         assert_eq!(p.record(3, &huge_seq, Some(T0), &mut out).kind, OutcomeKind::DeadLetter(SEQ_OUT_OF_RANGE));
-        assert_eq!(out.len(), 3);
+        assert_eq!(out.len(), 4);
         match &out[1].value {
             Processed::DeadLetter(d) => {
-                assert_eq!((d.node_id.as_deref(), d.seq, d.received_at_ms), (Some("n"), Some(7), T0));
+                assert_eq!((d.node_id.as_deref(), d.seq, d.received_at_ms), (None, None, T0));
+                assert!(d.detail.ends_with(r#"(claims node_id Some("n"), seq Some(7))"#), "{}", d.detail);
                 assert_eq!(d.payload.as_ref(), wrong);
             }
             other => panic!("expected a dead letter, got {other:?}"),
         }
+        match &out[3].value {
+            Processed::DeadLetter(d) => assert_eq!((d.node_id.as_deref(), d.seq), (Some("n"), None)),
+            other => panic!("expected a dead letter, got {other:?}"),
+        }
         assert_eq!(p.state().max_event_ms, None, "bad records never move the clock");
+    }
+
+    /// Issue 10, class 1: a forged record (a `seq` beyond i64, or an invalid value claiming a
+    /// huge `seq`) raised the node's high-water and every later record of that node was dropped
+    /// as a duplicate.
+    #[test]
+    fn nothing_invalid_moves_dedup_or_window_state() {
+        let mut p = Processor::new(0, rules(), WindowState::default());
+        let mut out = Vec::new();
+        let first = raw("a", T0 + 1_000, 10.0, "OK", "n", 1);
+        p.record(0, &first, Some(T0), &mut out);
+        let before = p.state().clone();
+        let forged_seq = raw("a", T0 + 2_000, 10.0, "OK", "n", u64::MAX);
+        let forged_loose = format!(
+            r#"{{"device_id":"a","timestamp":"2024-12-26T10:00:03Z","temperature":10,"status":"OK","node_id":"n","seq":{}}}"#,
+            i64::MAX
+        );
+        let far_future = raw("a", T0 + 86_400_000, 10.0, "OK", "n", 2);
+        let huge = br#"{"device_id":"a","timestamp":"2024-12-26T10:00:04Z","temperature":10,"humidity":1.7e308,"status":"OK","node_id":"n","seq":3}"#;
+        let kinds: Vec<OutcomeKind> = [&forged_seq[..], forged_loose.as_bytes(), &far_future, huge]
+            .iter()
+            .enumerate()
+            .map(|(i, v)| p.record(1 + i as i64, v, Some(T0), &mut out).kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                OutcomeKind::DeadLetter(SEQ_OUT_OF_RANGE),
+                OutcomeKind::DeadLetter("missing_field"),
+                OutcomeKind::DeadLetter("timestamp_out_of_range"),
+                OutcomeKind::DeadLetter("number_out_of_range"),
+            ]
+        );
+        assert_eq!(p.state(), &before, "dead letters leave the state as it was");
+        // The node's next records flow.
+        out.clear();
+        let next = raw("a", T0 + 5_000, 11.0, "OK", "n", 2);
+        assert_eq!(p.record(5, &next, Some(T0), &mut out).kind, OutcomeKind::Filtered);
+        let next = raw("a", T0 + 6_000, 12.0, "OK", "n", 3);
+        assert_eq!(p.record(6, &next, Some(T0), &mut out).kind, OutcomeKind::Filtered);
+        assert_eq!(p.state().high.get("n"), Some(&3));
+    }
+
+    /// Issue 10, class 5: a forged tick far in the future moved the partition's clock for good.
+    #[test]
+    fn a_tick_moves_the_clock_at_most_to_its_broker_time() {
+        let mut p = Processor::new(0, rules(), WindowState::default());
+        let mut out = Vec::new();
+        p.tick(0, T0 + 365 * 86_400_000, Some(T0), &mut out);
+        assert_eq!(p.state().max_event_ms, Some(T0));
+        // A reading at its broker time still joins its open minute.
+        let v = raw("a", T0 + 1_000, 10.0, "OK", "n", 1);
+        let o = p.record(1, &v, Some(T0 + 1_000), &mut out);
+        assert!(!o.late);
+        assert_eq!(p.open_windows(), 1);
+    }
+
+    /// Issue 10, class 4: the dead letter of a value near Kafka's message limit copied it whole
+    /// (base64 on the wire), so Kafka refused it and `process` could not get past it.
+    #[test]
+    fn a_dead_letter_carries_a_bounded_prefix_of_a_huge_value() {
+        let mut p = Processor::new(0, rules(), WindowState::default());
+        let mut out = Vec::new();
+        let value = vec![b'x'; 1_000_000];
+        assert_eq!(p.record(0, &value, Some(T0), &mut out).kind, OutcomeKind::DeadLetter("oversized"));
+        let Processed::DeadLetter(d) = &out[0].value else { panic!("expected a dead letter") };
+        assert_eq!((d.payload.len(), d.payload_size), (DEADLETTER_PAYLOAD_MAX, 1_000_000));
+        assert!(d.detail.contains("truncated") && d.detail.contains("1000000"), "{}", d.detail);
+        let mut wire = Vec::new();
+        out[0].value.write_json(&mut wire);
+        assert!(wire.len() < 32 * 1024, "the dead letter is {} bytes", wire.len());
     }
 
     mod props {
@@ -516,9 +669,37 @@ mod tests {
 
         #[derive(Debug, Clone)]
         enum In {
-            Rec { device: u8, node: u8, seq: u64, dt: i64, temperature: f64, ok: bool },
+            Rec {
+                device: u8,
+                node: u8,
+                seq: u64,
+                dt: i64,
+                temperature: f64,
+                ok: bool,
+            },
             Bad,
             Tick(i64),
+            /// A hostile value: forged provenance, extreme numbers or times (see `hostile`).
+            Hostile(u8, u64),
+        }
+
+        /// Values a forged or broken producer may write to raw-data.
+        fn hostile(kind: u8, x: u64, now: i64) -> Vec<u8> {
+            let node = format!("n{}", x % 2);
+            match kind % 6 {
+                0 => raw("d0", now, 20.0, "OK", &node, u64::MAX - (x >> 1)),
+                1 => format!(r#"{{"node_id":"{node}","seq":{}}}"#, x.saturating_add(1 << 62)).into_bytes(),
+                2 => raw("d1", now + 86_400_000 * (1 + x as i64 % 1000), 20.0, "OK", &node, x),
+                3 => format!(
+                    r#"{{"device_id":"d2","timestamp":"2024-12-26T10:00:00Z","temperature":1.7e308,"humidity":-1.7e308,"status":"OK","node_id":"{node}","seq":{x}}}"#
+                )
+                .into_bytes(),
+                4 => vec![b'{'; 17 * 1024 + (x % 4096) as usize],
+                _ => format!(
+                    r#"{{"device_id":"d3","timestamp":"+275760-09-13T00:00:00Z","temperature":1,"humidity":1,"status":"OK","node_id":"{node}","seq":{x}}}"#
+                )
+                .into_bytes(),
+            }
         }
 
         fn input() -> impl Strategy<Value = In> {
@@ -527,6 +708,13 @@ mod tests {
                     .prop_map(|(device, node, seq, dt, temperature, ok)| In::Rec { device, node, seq, dt, temperature, ok }),
                 1 => Just(In::Bad),
                 1 => (0i64..200_000).prop_map(In::Tick),
+            ]
+        }
+
+        fn with_hostile() -> impl Strategy<Value = In> {
+            prop_oneof![
+                4 => input(),
+                1 => (any::<u8>(), any::<u64>()).prop_map(|(k, x)| In::Hostile(k, x)),
             ]
         }
 
@@ -549,9 +737,16 @@ mod tests {
                         ))
                     }
                     In::Bad => Some(b"{\"oops\":".to_vec()),
+                    In::Hostile(kind, x) => Some(hostile(*kind, *x, now)),
                     In::Tick(_) => None,
                 })
                 .collect()
+        }
+
+        /// The broker's timestamp of input `i`: at or after every event time the scenario drew
+        /// so far (they drift 7 s per record), as an agent's produce time is.
+        fn broker_time(i: usize) -> i64 {
+            T0 + 7_000 * i as i64
         }
 
         fn run(p: &mut Processor, inputs: &[In], values: &[Option<Vec<u8>>], from: usize) -> Vec<(i64, Vec<u8>)> {
@@ -560,10 +755,10 @@ mod tests {
                 let mut out = Vec::new();
                 match (input, value) {
                     (In::Tick(dt), _) => {
-                        p.tick(i as i64, T0 + 7_000 * i as i64 + dt, &mut out);
+                        p.tick(i as i64, T0 + 7_000 * i as i64 + dt, None, &mut out);
                     }
                     (_, Some(v)) => {
-                        p.record(i as i64, v, Some(T0), &mut out);
+                        p.record(i as i64, v, Some(broker_time(i)), &mut out);
                     }
                     _ => unreachable!("records always have a value"),
                 }
@@ -595,6 +790,32 @@ mod tests {
                 let _ = head;
             }
 
+            /// Hostile values interleaved anywhere change nothing: the outputs other than dead
+            /// letters, and the state, are those of the same scenario without them (issue 10).
+            #[test]
+            fn hostile_values_change_no_state_and_no_output(inputs in proptest::collection::vec(with_hostile(), 1..150)) {
+                let values = values(&inputs);
+                let mut with = Processor::new(2, rules(), WindowState::default());
+                let all = run(&mut with, &inputs, &values, 0);
+                // The same scenario with every hostile input replaced by nothing at the same
+                // offset (offsets are identities in the outputs, so they must not shift).
+                let mut without = Processor::new(2, rules(), WindowState::default());
+                let mut clean = Vec::new();
+                for (i, input) in inputs.iter().enumerate() {
+                    if matches!(input, In::Hostile(..)) {
+                        continue;
+                    }
+                    clean.extend(run(&mut without, &inputs[..=i], &values[..=i], i));
+                }
+                prop_assert_eq!(with.state(), without.state());
+                let kept: Vec<_> = all.into_iter().filter(|(_, v)| !v.starts_with(br#"{"kind":"deadletter""#)).collect();
+                let clean: Vec<_> = clean.into_iter().filter(|(_, v)| !v.starts_with(br#"{"kind":"deadletter""#)).collect();
+                prop_assert_eq!(kept, clean);
+                let checkpoint = serde_json::to_vec(with.state()).expect("state encodes");
+                let back: WindowState = serde_json::from_slice(&checkpoint).expect("a checkpoint always parses back");
+                prop_assert_eq!(&back, with.state());
+            }
+
             /// Each (node, seq) is emitted at most once, and once everything is closed the
             /// aggregates (on-time plus late corrections) equal the sums of the filtered readings.
             #[test]
@@ -604,12 +825,12 @@ mod tests {
                 let mut out = Vec::new();
                 for (i, (input, value)) in inputs.iter().zip(&values).enumerate() {
                     match (input, value) {
-                        (In::Tick(dt), _) => { p.tick(i as i64, T0 + 7_000 * i as i64 + dt, &mut out); }
-                        (_, Some(v)) => { p.record(i as i64, v, Some(T0), &mut out); }
+                        (In::Tick(dt), _) => { p.tick(i as i64, T0 + 7_000 * i as i64 + dt, None, &mut out); }
+                        (_, Some(v)) => { p.record(i as i64, v, Some(broker_time(i)), &mut out); }
                         _ => unreachable!(),
                     }
                 }
-                p.tick(inputs.len() as i64, i64::MAX / 2, &mut out);
+                p.tick(inputs.len() as i64, i64::MAX / 2, None, &mut out);
                 prop_assert!(p.state().windows.is_empty());
 
                 let mut seen = BTreeSet::new();

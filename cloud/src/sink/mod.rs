@@ -89,6 +89,9 @@ enum Phase {
     AwaitFirst,
     /// Processing (after a restore, from the checkpoint's resume offset).
     Active,
+    /// The committed checkpoint does not parse: nothing is spooled, sealed or committed
+    /// ([`kafka::halt`]).
+    Halted,
 }
 
 #[derive(Debug)]
@@ -152,6 +155,7 @@ pub struct SinkStage {
     consumer: Arc<StageConsumer>,
     control: ControlProducer,
     metrics: Metrics,
+    kafka_health: Arc<KafkaHealth>,
     slots: HashMap<SlotKey, Slot>,
     generation: u64,
     jobs: Option<mpsc::Sender<UploadJob>>,
@@ -189,7 +193,7 @@ impl SinkStage {
     ) -> Result<Self, SinkError> {
         prepare_spool(&settings.sink.spool_dir)?;
         let k = &settings.kafka;
-        let context = StageContext::new(Stage::sink, metrics.clone(), kafka_health);
+        let context = StageContext::new(Stage::sink, metrics.clone(), kafka_health.clone());
         let consumer = kafka::subscribe(k, &k.sink_group(), &[&k.processed_topic, &k.dlq_topic], context)?;
         for topic in [&k.processed_topic, &k.dlq_topic] {
             kafka::partition_count(consumer.as_ref(), topic, Duration::from_secs(30))?;
@@ -210,6 +214,7 @@ impl SinkStage {
             settings: settings.clone(),
             consumer,
             control,
+            kafka_health,
             metrics,
             slots: HashMap::new(),
             generation: 0,
@@ -288,6 +293,7 @@ impl SinkStage {
                                 f.spool.discard();
                             }
                         }
+                        kafka::unhalt(&self.kafka_health, &self.metrics, Stage::sink, &topic, partition);
                     }
                 }
                 Assignment::Assigned(parts) => {
@@ -352,6 +358,7 @@ impl SinkStage {
     }
 
     async fn handle(&mut self, m: &BorrowedMessage<'_>) -> Result<(), SinkError> {
+        let max_future_skew_ms = self.settings.process.max_future_skew.as_millis().min(i64::MAX as u128) as i64;
         let topic = m.topic();
         let key = (self.kind_of(topic), m.partition());
         let offset = m.offset();
@@ -399,7 +406,17 @@ impl SinkStage {
                             return Ok(());
                         }
                         Err(error) => {
-                            tracing::warn!(topic, partition = key.1, offset, %error, "unreadable checkpoint; starting with empty state here")
+                            slot.phase = Phase::Halted;
+                            kafka::halt(
+                                &self.consumer,
+                                &self.kafka_health,
+                                &self.metrics,
+                                Stage::sink,
+                                (topic, key.1),
+                                offset,
+                                &error,
+                            );
+                            return Ok(());
                         }
                     }
                 } else if offset == 0 {
@@ -424,6 +441,7 @@ impl SinkStage {
                     return Ok(());
                 }
             }
+            Phase::Halted => return Ok(()),
         }
         slot.position = offset + 1;
         slot.last_input = Instant::now();
@@ -435,7 +453,9 @@ impl SinkStage {
                 slot.tick_sent = None;
                 match Tick::parse(payload) {
                     Ok(tick) => {
-                        let step = slot.machine.apply(offset, Input::Tick { time_ms: tick.time_ms });
+                        // Never past its broker time (see `window::Processor::tick`).
+                        let time_ms = tick.time_ms.min(ts);
+                        let step = slot.machine.apply(offset, Input::Tick { time_ms });
                         self.seal(&key, step.sealed).await
                     }
                     Err(error) => {
@@ -453,7 +473,12 @@ impl SinkStage {
                 if let Row::Foreign { .. } = row {
                     self.counters.foreign.inc();
                 }
-                let meta = row.meta();
+                let mut meta = row.meta();
+                // A time further ahead of the broker's than `process.max_future_skew` (a skewed
+                // agent's dead letter) counts as that far ahead: the clock, the spool and the
+                // open buckets stay bounded whatever the timestamps (`process` dead-letters
+                // readings that far ahead, so its rows never need this).
+                meta.time_ms = meta.time_ms.min(ts.saturating_add(max_future_skew_ms));
                 let step = slot.machine.apply(offset, Input::Row(meta));
                 let sealed = !step.sealed.is_empty();
                 self.seal(&key, step.sealed).await?;
@@ -608,6 +633,9 @@ impl SinkStage {
         let keys: Vec<SlotKey> = self.slots.keys().copied().collect();
         for key in keys {
             let Some(slot) = self.slots.get_mut(&key) else { continue };
+            if slot.phase == Phase::Halted {
+                continue;
+            }
             spool += slot.open_bytes() + slot.uploading_bytes();
             waiting += slot.uploading_bytes();
             open_buckets += slot.machine.open_buckets();
@@ -689,7 +717,8 @@ impl SinkStage {
     }
 
     fn set_paused(&mut self, paused: bool) {
-        let parts: Vec<(String, i32)> = self.slots.values().map(|s| (s.topic.clone(), s.partition)).collect();
+        let parts: Vec<(String, i32)> =
+            self.slots.values().filter(|s| s.phase != Phase::Halted).map(|s| (s.topic.clone(), s.partition)).collect();
         match kafka::set_paused(&self.consumer, &parts, paused) {
             Ok(()) => {
                 if !paused {
@@ -940,8 +969,8 @@ impl Row<'_> {
                     received_at_ms: d.received_at_ms,
                     detail: &d.detail,
                     source: &source,
-                    payload_size: d.payload.len() as i64,
-                    truncated: false,
+                    payload_size: i64::try_from(d.payload_size).unwrap_or(i64::MAX),
+                    truncated: d.payload_size > d.payload.len() as u64,
                 })
             }
             Row::Dlq(d) => spool.push_deadletter(&DeadLetterRow {

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use arrow_array::RecordBatch;
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int64Type, TimestampMillisecondType};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::{DataType, TimeUnit};
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use edgeflow_aggregator::config::{Config, Settings, StaticCredentials};
 use edgeflow_contract::{DeadLetter, Provenance, RawRecord, Reading};
@@ -474,4 +477,47 @@ pub async fn check_manifests(env: &Env) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Minute `m`, second `s` of hour 10.
+pub fn at(m: i64, s: i64) -> i64 {
+    H10 + m * MIN + s * 1000
+}
+
+// Column readers for the Parquet the sink writes.
+
+pub fn strings(b: &RecordBatch, name: &str) -> Vec<Option<String>> {
+    let c = b.column_by_name(name).unwrap_or_else(|| panic!("column {name}"));
+    let a = c.as_string::<i32>();
+    (0..a.len()).map(|i| (!a.is_null(i)).then(|| a.value(i).to_owned())).collect()
+}
+
+pub fn ints(b: &RecordBatch, name: &str) -> Vec<i64> {
+    b.column_by_name(name).unwrap_or_else(|| panic!("column {name}")).as_primitive::<Int64Type>().values().to_vec()
+}
+
+pub fn floats(b: &RecordBatch, name: &str) -> Vec<f64> {
+    b.column_by_name(name).unwrap_or_else(|| panic!("column {name}")).as_primitive::<Float64Type>().values().to_vec()
+}
+
+pub fn times(b: &RecordBatch, name: &str) -> Vec<i64> {
+    let c = b.column_by_name(name).unwrap_or_else(|| panic!("column {name}"));
+    assert_eq!(
+        c.data_type(),
+        &DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+        "{name} is a UTC millisecond timestamp"
+    );
+    c.as_primitive::<TimestampMillisecondType>().values().to_vec()
+}
+
+pub fn bools(b: &RecordBatch, name: &str) -> Vec<bool> {
+    let a = b.column_by_name(name).unwrap_or_else(|| panic!("column {name}")).as_boolean().clone();
+    (0..a.len()).map(|i| a.value(i)).collect()
+}
+
+pub fn key_of(keys: &[String], family: &str, topic_partition: &str) -> String {
+    let mut matching: Vec<&String> =
+        keys.iter().filter(|k| k.contains(&format!("/{family}_20241226T10Z_{topic_partition}_"))).collect();
+    assert_eq!(matching.len(), 1, "one {family} file for {topic_partition} in hour 10: {keys:#?}");
+    matching.remove(0).clone()
 }

@@ -1,0 +1,308 @@
+//! What a forged or broken producer of `raw-data` can do to the aggregator, against real tansu
+//! and moto (issue 10): nothing it writes may lose, double or hide another record, stop the
+//! stream behind it, or leave a stage running on state it could not read.
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use arrow_array::cast::AsArray;
+use common::*;
+use edgeflow_aggregator::Stages;
+use edgeflow_testkit::kafka;
+use rdkafka::Offset;
+use rdkafka::TopicPartitionList;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+
+/// Produces the readings that close hour 10's minutes (11:00:30) and seal it (11:02) on
+/// partition 0 of `n0`, with `seq` and `seq + 1`.
+async fn seal_hour_10(p: &rdkafka::producer::FutureProducer, seq: u64) -> Result<()> {
+    produce_at(
+        p,
+        RAW,
+        &[
+            (0, "d0", raw("d0", at(60, 30), 22.0, 40.0, "OK", "n0", seq), at(60, 30)),
+            (0, "d0", raw("d0", at(62, 0), 22.0, 40.0, "OK", "n0", seq + 1), at(62, 0)),
+        ],
+    )
+    .await
+}
+
+async fn verify(env: &Env) -> Result<edgeflow_aggregator::verify::Report> {
+    let s3 = edgeflow_aggregator::s3::S3::new(&env.settings("v", &[])?.s3).await;
+    Ok(edgeflow_aggregator::verify::verify(&s3, PREFIX).await?)
+}
+
+/// Class 1: a record with a `seq` beyond i64, or an invalid value claiming a huge `seq`, raised
+/// n0's high-water in `process`, and every later record of n0 was dropped as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forged_record_does_not_hide_the_nodes_later_records() -> Result<()> {
+    init_logging();
+    let env = Env::start(1).await?;
+    let agg = Running::start(env.settings("a", &[])?, Stages::Both);
+    let p = producer(&env.bootstrap())?;
+    let forged_loose = format!(
+        r#"{{"device_id":"d0","timestamp":"{}","temperature":1,"status":"OK","node_id":"n0","seq":{}}}"#,
+        rfc3339(at(0, 15)),
+        1u64 << 62
+    );
+    produce_at(
+        &p,
+        RAW,
+        &[
+            (0, "d0", raw("d0", at(0, 10), 20.0, 40.0, "OK", "n0", 1), at(0, 10)),
+            (0, "d0", raw("d0", at(0, 12), 20.0, 40.0, "OK", "n0", u64::MAX), at(0, 12)),
+            (0, "d0", forged_loose.into_bytes(), at(0, 15)),
+            (0, "d0", raw("d0", at(0, 20), 21.0, 40.0, "OK", "n0", 2), at(0, 20)),
+            (0, "d0", raw("d0", at(0, 30), 22.0, 40.0, "OK", "n0", 3), at(0, 30)),
+        ],
+    )
+    .await?;
+    seal_hour_10(&p, 4).await?;
+    let manifest = env.manifest_key(H10, PROCESSED, 0);
+    let keys = env.wait_for_keys(Duration::from_secs(60), "hour 10 manifest", |k| k.contains(&manifest)).await?;
+
+    let f = env.parquet(&key_of(&keys, "filtered", "processed-data-0")).await?;
+    assert_eq!(ints(&f, "Seq"), vec![1, 2, 3], "n0's records after the forged ones are all there");
+    let d = env.parquet(&key_of(&keys, "deadletter", "processed-data-0")).await?;
+    assert_eq!(strings(&d, "Reason"), vec![Some("seq_out_of_range".into()), Some("missing_field".into())]);
+    let a = env.parquet(&key_of(&keys, "aggregated", "processed-data-0")).await?;
+    assert_eq!(ints(&a, "Count"), vec![3, 3], "minute 10:00 of d0 and of all devices");
+    let report = verify(&env).await?;
+    assert!(report.ok, "{}", report.render());
+    assert_eq!(report.totals.records, 3, "seq 1..=3 in hour 10 (the rest is in hour 11)");
+    assert_eq!(report.unattributed_deadletters, 2, "forged provenance is not counted for n0");
+    agg.stop().await
+}
+
+/// Classes 3 and 6: two humidities near f64::MAX overflowed a window's sum to infinity, the
+/// checkpoint held `null` and did not parse back, and after a restart `process` carried on with
+/// empty state: the open minute of d0 (three good readings) was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn huge_numbers_are_dead_letters_and_state_survives_a_restart() -> Result<()> {
+    init_logging();
+    let env = Env::start(1).await?;
+    let p = producer(&env.bootstrap())?;
+    let huge = |seq: u64| {
+        format!(
+            r#"{{"device_id":"d0","timestamp":"{}","temperature":20,"humidity":1.7e308,"status":"OK","node_id":"n0","seq":{seq}}}"#,
+            rfc3339(at(0, 20))
+        )
+        .into_bytes()
+    };
+    produce_at(
+        &p,
+        RAW,
+        &[
+            (0, "d0", raw("d0", at(0, 10), 20.0, 40.0, "OK", "n0", 1), at(0, 10)),
+            (0, "d0", huge(2), at(0, 20)),
+            (0, "d0", huge(3), at(0, 21)),
+            (0, "d0", raw("d0", at(0, 30), 21.0, 41.0, "OK", "n0", 4), at(0, 30)),
+            (0, "d0", raw("d0", at(0, 40), 22.0, 42.0, "OK", "n0", 5), at(0, 40)),
+        ],
+    )
+    .await?;
+    // The first run takes them in and checkpoints its open minute on the way out.
+    let first = Running::start(env.settings("a", &[])?, Stages::Process);
+    let bootstrap = env.bootstrap();
+    tokio::task::spawn_blocking(move || {
+        kafka::consume_until(&bootstrap, PROCESSED, Duration::from_secs(60), |m| m.len() >= 5)
+    })
+    .await??;
+    first.stop().await?;
+
+    // The second run resumes from that checkpoint; the minute closes with what it held.
+    let agg = Running::start(env.settings("a", &[])?, Stages::Both);
+    seal_hour_10(&p, 6).await?;
+    let manifest = env.manifest_key(H10, PROCESSED, 0);
+    let keys = env.wait_for_keys(Duration::from_secs(60), "hour 10 manifest", |k| k.contains(&manifest)).await?;
+    let a = env.parquet(&key_of(&keys, "aggregated", "processed-data-0")).await?;
+    assert_eq!(strings(&a, "DeviceId"), vec![None, Some("d0".into())]);
+    assert_eq!(ints(&a, "Count"), vec![3, 3], "the open minute survived the restart");
+    assert_eq!(floats(&a, "HumiditySum"), vec![123.0, 123.0]);
+    let d = env.parquet(&key_of(&keys, "deadletter", "processed-data-0")).await?;
+    assert_eq!(strings(&d, "Reason"), vec![Some("number_out_of_range".into()); 2]);
+    assert_eq!(ints(&d, "Seq"), vec![2, 3], "a well-formed record refused by a rule keeps its provenance");
+    let report = verify(&env).await?;
+    assert!(report.ok, "{}", report.render());
+    assert_eq!(report.totals.records, 5);
+    agg.stop().await
+}
+
+/// Class 4: a raw value near Kafka's message limit became a dead letter larger than the limit
+/// (the value copied whole, base64), Kafka refused it and `process` stopped on it, again at
+/// every restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_value_near_the_message_limit_is_dead_lettered_and_the_stream_flows() -> Result<()> {
+    init_logging();
+    let env = Env::start(1).await?;
+    let agg = Running::start(env.settings("a", &[])?, Stages::Both);
+    let p = producer(&env.bootstrap())?;
+    let big = vec![b'x'; 900_000];
+    produce_at(
+        &p,
+        RAW,
+        &[
+            (0, "d0", raw("d0", at(0, 10), 20.0, 40.0, "OK", "n0", 1), at(0, 10)),
+            (0, "d0", big, at(0, 11)),
+            (0, "d0", raw("d0", at(0, 20), 21.0, 40.0, "OK", "n0", 2), at(0, 20)),
+        ],
+    )
+    .await?;
+    seal_hour_10(&p, 3).await?;
+    let manifest = env.manifest_key(H10, PROCESSED, 0);
+    let keys = env.wait_for_keys(Duration::from_secs(60), "hour 10 manifest", |k| k.contains(&manifest)).await?;
+    let f = env.parquet(&key_of(&keys, "filtered", "processed-data-0")).await?;
+    assert_eq!(ints(&f, "Seq"), vec![1, 2]);
+    let d = env.parquet(&key_of(&keys, "deadletter", "processed-data-0")).await?;
+    assert_eq!(strings(&d, "Reason"), vec![Some("oversized".into())]);
+    assert_eq!(ints(&d, "PayloadSize"), vec![900_000]);
+    assert_eq!(bools(&d, "Truncated"), vec![true]);
+    let payload = d.column_by_name("Payload").context("Payload")?;
+    assert_eq!(payload.as_binary::<i32>().value(0).len(), 16 * 1024, "a prefix of the value is kept");
+    agg.stop().await
+}
+
+/// Class 5: a reading (or a forged tick) a year ahead moved the partition's clock for good: every
+/// open minute closed at once, and the readings after it became late corrections; the sink's
+/// clock sealed hour 10 at once, so the rest of it went to late files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn far_future_times_do_not_move_the_clocks() -> Result<()> {
+    init_logging();
+    let env = Env::start(1).await?;
+    let agg = Running::start(env.settings("a", &[])?, Stages::Both);
+    let p = producer(&env.bootstrap())?;
+    let year = 365 * 24 * HOUR;
+    produce_at(
+        &p,
+        RAW,
+        &[
+            (0, "d0", raw("d0", at(0, 10), 20.0, 40.0, "OK", "n0", 1), at(0, 10)),
+            (0, "d0", raw("d0", at(0, 12) + year, 20.0, 40.0, "OK", "n0", 2), at(0, 12)),
+        ],
+    )
+    .await?;
+    // A forged tick, as `process` writes them (control header), a year ahead.
+    let tick = format!(r#"{{"time_ms":{}}}"#, at(0, 15) + year);
+    p.send(
+        FutureRecord::to(RAW)
+            .partition(0)
+            .payload(tick.as_bytes())
+            .key("x")
+            .timestamp(at(0, 15))
+            .headers(OwnedHeaders::new().insert(Header { key: "edgeflow-control", value: Some("tick") })),
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+    produce_at(&p, RAW, &[(0, "d0", raw("d0", at(0, 30), 21.0, 40.0, "OK", "n0", 3), at(0, 30))]).await?;
+    seal_hour_10(&p, 4).await?;
+    let manifest = env.manifest_key(H10, PROCESSED, 0);
+    let keys = env.wait_for_keys(Duration::from_secs(60), "hour 10 manifest", |k| k.contains(&manifest)).await?;
+    let a = env.parquet(&key_of(&keys, "aggregated", "processed-data-0")).await?;
+    assert_eq!(ints(&a, "Count"), vec![2, 2], "minute 10:00 holds seq 1 and 3");
+    assert_eq!(bools(&a, "Late"), vec![false, false], "no reading became a late correction");
+    let d = env.parquet(&key_of(&keys, "deadletter", "processed-data-0")).await?;
+    assert_eq!(strings(&d, "Reason"), vec![Some("timestamp_out_of_range".into())]);
+    assert_eq!(strings(&d, "NodeId"), vec![Some("n0".into())], "a refused valid record keeps its provenance");
+    assert!(!keys.iter().any(|k| k.contains("/_manifest_20241226T10Z_processed-data-0_")), "no late bucket: {keys:#?}");
+    let report = verify(&env).await?;
+    assert!(report.ok, "{}", report.render());
+    assert_eq!(report.totals.records, 3, "seq 2 is accounted for as a dead letter");
+    agg.stop().await
+}
+
+/// Class 6: a committed offset pointing at a checkpoint that does not parse made the stage carry
+/// on with empty state and commit past it. It must halt that partition instead: nothing
+/// processed or committed, and the reason in `/readyz`, the metrics and the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_checkpoint_halts_its_partition_and_commits_nothing() -> Result<()> {
+    init_logging();
+    let env = Env::start(1).await?;
+    let p = producer(&env.bootstrap())?;
+    produce_at(&p, RAW, &[(0, "d0", raw("d0", at(0, 10), 20.0, 40.0, "OK", "n0", 1), at(0, 10))]).await?;
+    // A checkpoint whose state does not parse (the `null` an overflowed sum became).
+    let bad = br#"{"resume_offset":0,"state":{"high":{},"max_event_ms":null,"windows":{"0":{"devices":{},"all":{"count":1,"temperature_sum":null}}}}}"#;
+    let checkpoint_offset = p
+        .send(
+            FutureRecord::to(RAW)
+                .partition(0)
+                .payload(&bad[..])
+                .key("x")
+                .headers(OwnedHeaders::new().insert(Header { key: "edgeflow-control", value: Some("checkpoint") })),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?
+        .offset;
+    produce_at(&p, RAW, &[(0, "d0", raw("d0", at(0, 20), 21.0, 40.0, "OK", "n0", 2), at(0, 20))]).await?;
+    let group = "agg-process";
+    commit(&env.bootstrap(), group, RAW, 0, checkpoint_offset)?;
+
+    let port = edgeflow_testkit::free_port();
+    let listen = format!("\"127.0.0.1:{port}\"");
+    let agg = Running::start(env.settings("a", &[("metrics.listen", &listen)])?, Stages::Process);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let (status, body) = http_get(port, "/readyz").await.unwrap_or_default();
+        if status == 503 && body.contains("halted") {
+            break body;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the partition was not reported halted within 60s: {status} {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        body.contains(&format!("process raw-data/0: checkpoint at offset {checkpoint_offset} does not parse")),
+        "{body}"
+    );
+    let (_, text) = http_get(port, "/metrics").await?;
+    assert_eq!(metric(&text, "edgeflow_aggregator_halted_partitions{stage=\"process\"}"), Some(1.0), "{text}");
+    // A checkpoint interval and more later, nothing was processed or committed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, text) = http_get(port, "/metrics").await?;
+    assert_eq!(metric(&text, "edgeflow_aggregator_records_filtered_total"), Some(0.0), "{text}");
+    agg.stop().await?;
+    let bootstrap = env.bootstrap();
+    let processed = tokio::task::spawn_blocking(move || {
+        kafka::consume_count(&bootstrap, PROCESSED, 0, Duration::from_secs(1), Duration::from_secs(2))
+    })
+    .await??;
+    assert!(processed.is_empty(), "nothing was emitted: {} values", processed.len());
+    assert_eq!(
+        committed(&env.bootstrap(), group, RAW, 0)?,
+        Some(checkpoint_offset),
+        "the committed offset did not move"
+    );
+    Ok(())
+}
+
+fn group_consumer(bootstrap: &str, group: &str) -> Result<BaseConsumer> {
+    Ok(rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?)
+}
+
+/// Commits `offset` for `group` on a partition, as a previous run of the stage would have.
+fn commit(bootstrap: &str, group: &str, topic: &str, partition: i32, offset: i64) -> Result<()> {
+    let c = group_consumer(bootstrap, group)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    c.commit(&tpl, CommitMode::Sync)?;
+    Ok(())
+}
+
+/// The committed offset of `group` on a partition.
+fn committed(bootstrap: &str, group: &str, topic: &str, partition: i32) -> Result<Option<i64>> {
+    let c = group_consumer(bootstrap, group)?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let got = c.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(got.find_partition(topic, partition).and_then(|e| e.offset().to_raw()).filter(|o| *o >= 0))
+}
