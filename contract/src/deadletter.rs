@@ -49,19 +49,29 @@ pub enum MarkerKind {
     /// The agent created a new buffer (first start, or its data was lost). Its `seq` starts a
     /// new range; a gap just before it is not a loss the pipeline could have prevented.
     BufferCreated,
+    /// A durable high-water mark, written on a schedule and at shutdown: every `seq` of this
+    /// buffer below the marker's own was assigned before it, so once the marker is in S3 the
+    /// node is provably complete up to `seq - 1` at `received_at_ms` (when it was written), and
+    /// anything of that range not in S3 is missing — including the newest records of a node
+    /// that stopped.
+    HighWater,
 }
 
 impl MarkerKind {
+    /// Every marker kind.
+    pub const ALL: [MarkerKind; 2] = [Self::BufferCreated, Self::HighWater];
+
     /// The `reason` string of the marker.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::BufferCreated => "buffer_created",
+            Self::HighWater => "high_water",
         }
     }
 
     /// Inverse of [`MarkerKind::as_str`].
     pub fn from_name(name: &str) -> Option<Self> {
-        (name == "buffer_created").then_some(Self::BufferCreated)
+        Self::ALL.into_iter().find(|m| m.as_str() == name)
     }
 }
 
