@@ -34,14 +34,21 @@ enum Command {
     Validate(ConfigArg),
     /// Print the commented default configuration.
     DefaultConfig,
-    /// Read every Parquet object under the prefix and report missing and duplicate records and
-    /// aggregate mismatches (exit status 1 if any).
+    /// Read every Parquet object under the prefix and report missing and duplicate records,
+    /// each node's proven tail and aggregate mismatches (exit status 1 if anything is wrong).
     Verify {
         #[command(flatten)]
         config: ConfigArg,
         /// Print the report as JSON (stable; see docs/aggregator.md).
         #[arg(long)]
         json: bool,
+        /// A node whose newest high-water marker lags the newest of all nodes by more than this
+        /// (e.g. "15m") is stale: its agent or its records stopped. Not judged when absent.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_marker_age: Option<std::time::Duration>,
+        /// A node that must have records in S3 (repeatable).
+        #[arg(long = "expect-node", value_name = "NODE_ID")]
+        expect_nodes: Vec<String>,
     },
     /// Print the OpenMetrics exposition of a fresh instance (every metric at zero).
     Metrics,
@@ -92,9 +99,13 @@ fn main() -> ExitCode {
         Command::Process(arg) => serve(&arg.config, Stages::Process),
         Command::Sink(arg) => serve(&arg.config, Stages::Sink),
         Command::Run(arg) => serve(&arg.config, Stages::Both),
-        Command::Verify { config, json } => {
+        Command::Verify { config, json, max_marker_age, expect_nodes } => {
             logging::init("warn", Target::Stderr);
-            match runtime().and_then(|rt| rt.block_on(verify_command(&config.config, json))) {
+            let expect = verify::Expectations {
+                max_marker_age_ms: max_marker_age.map(|d| d.as_millis().min(i64::MAX as u128) as i64),
+                nodes: expect_nodes,
+            };
+            match runtime().and_then(|rt| rt.block_on(verify_command(&config.config, json, &expect))) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(error) => {
@@ -135,10 +146,10 @@ fn serve(config: &Path, stages: Stages) -> ExitCode {
     }
 }
 
-async fn verify_command(config: &Path, json: bool) -> anyhow::Result<bool> {
+async fn verify_command(config: &Path, json: bool, expect: &verify::Expectations) -> anyhow::Result<bool> {
     let settings = load(config)?;
     let client = s3::S3::new(&settings.s3).await;
-    let report = verify::verify(&client, &settings.s3.prefix).await?;
+    let report = verify::verify_with(&client, &settings.s3.prefix, expect).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

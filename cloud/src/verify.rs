@@ -8,6 +8,16 @@
 //! missing. Numbers before a node's first `seq` in S3 cannot be known here; the end-to-end
 //! tests compare against what the devices sent.
 //!
+//! The tail: records that never arrived leave no gap between records that did. Agents therefore
+//! write a durable `high_water` marker ([`MarkerKind::HighWater`]) on a schedule and at
+//! shutdown; it takes a `seq` like any entry, so every `seq` of the buffer below it was assigned
+//! before it. With it in S3, the gap check covers the node's newest records too, and the report
+//! says "complete through seq N at T" (`high_water_seq`, `high_water_at`, `complete`). Records
+//! after the newest marker are counted as not yet proven (`after_high_water`). With
+//! [`Expectations`], a node whose newest marker lags the newest of all nodes by more than
+//! `max_marker_age` is *stale* (its agent stopped writing, or its records stopped arriving), and a
+//! node expected but absent from S3 is reported; both fail the verdict.
+//!
 //! Aggregates: the per-minute windows are recomputed from the filtered readings, per device
 //! and across all devices, and compared with the `aggregated` rows of the same (device,
 //! minute) summed over every file (main and late rows): counts and min/max exactly, sums with a
@@ -62,6 +72,20 @@ pub struct Totals {
     pub records: u64,
     pub missing: u64,
     pub duplicates: u64,
+    /// Nodes whose newest `high_water` marker is too old (see [`Expectations`]).
+    pub stale_nodes: u64,
+    /// Expected nodes with nothing in S3.
+    pub absent_nodes: Vec<String>,
+}
+
+/// What `verify` is told beyond what S3 holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expectations {
+    /// A node whose newest `high_water` marker is older than the newest marker of any node by
+    /// more than this is stale (`None`: not judged).
+    pub max_marker_age_ms: Option<i64>,
+    /// Nodes that must appear in S3.
+    pub nodes: Vec<String>,
 }
 
 /// One node's accounting.
@@ -84,6 +108,16 @@ pub struct NodeReport {
     pub duplicates: Vec<i64>,
     /// Extra copies in total.
     pub duplicate_count: u64,
+    /// The `seq` of the newest `high_water` marker (every `seq` below it was assigned before it).
+    pub high_water_seq: Option<i64>,
+    /// When that marker was written (RFC 3339).
+    pub high_water_at: Option<String>,
+    /// A marker is there and nothing below it is missing: complete through `high_water_seq - 1`.
+    pub complete: bool,
+    /// Records with a `seq` above the newest marker (present, but the tail after them unproven).
+    pub after_high_water: u64,
+    /// The newest marker lags the newest of all nodes by more than the allowed age.
+    pub stale: bool,
 }
 
 /// The aggregate check.
@@ -141,6 +175,8 @@ pub struct Collector {
     seqs: BTreeMap<String, Vec<(i64, Family)>>,
     /// node → seqs of `buffer_created` markers.
     markers: BTreeMap<String, BTreeSet<i64>>,
+    /// node → (seq, time) of its newest `high_water` marker.
+    high_water: BTreeMap<String, (i64, i64)>,
     unattributed: u64,
     expected: BTreeMap<(Option<String>, i64), Sums>,
     found: BTreeMap<(Option<String>, i64), Sums>,
@@ -211,14 +247,23 @@ impl Collector {
                 Family::Deadletter => {
                     let (node, seq, reason) =
                         (str_column(&b, "NodeId")?, int_column(&b, "Seq")?, str_column(&b, "Reason")?);
+                    let received = ts_column(&b, "ReceivedAt")?;
                     for i in 0..b.num_rows() {
                         if node.is_null(i) || seq.is_null(i) {
                             self.unattributed += 1;
                             continue;
                         }
                         let n = node.value(i).to_owned();
-                        if reason.value(i) == MarkerKind::BufferCreated.as_str() {
-                            self.markers.entry(n.clone()).or_default().insert(seq.value(i));
+                        match MarkerKind::from_name(reason.value(i)) {
+                            Some(MarkerKind::BufferCreated) => {
+                                self.markers.entry(n.clone()).or_default().insert(seq.value(i));
+                            }
+                            Some(MarkerKind::HighWater) => {
+                                let mark = (seq.value(i), received.value(i));
+                                let newest = self.high_water.entry(n.clone()).or_insert(mark);
+                                *newest = (*newest).max(mark);
+                            }
+                            None => {}
                         }
                         self.seqs.entry(n).or_default().push((seq.value(i), family));
                     }
@@ -251,8 +296,19 @@ impl Collector {
 
     /// Judges what was collected.
     pub fn report(self, bucket: &str, prefix: &str) -> Report {
+        self.report_with(bucket, prefix, &Expectations::default())
+    }
+
+    /// Judges what was collected against `expect`.
+    pub fn report_with(self, bucket: &str, prefix: &str, expect: &Expectations) -> Report {
         let mut nodes = Vec::new();
         let mut totals = Totals::default();
+        let newest_marker_ms = self.high_water.values().map(|(_, t)| *t).max();
+        for node in &expect.nodes {
+            if !self.seqs.contains_key(node) {
+                totals.absent_nodes.push(node.clone());
+            }
+        }
         for (node_id, mut rows) in self.seqs {
             rows.sort_unstable_by_key(|(s, _)| *s);
             let markers = self.markers.get(&node_id);
@@ -260,6 +316,8 @@ impl Collector {
             n.min_seq = rows.first().map_or(0, |r| r.0);
             n.max_seq = rows.last().map_or(0, |r| r.0);
             n.buffers = markers.map_or(0, |m| m.len() as u64);
+            let high_water = self.high_water.get(&node_id).copied();
+            let mut missing_below_high_water = false;
             let mut prev: Option<i64> = None;
             for (seq, family) in &rows {
                 match family {
@@ -278,6 +336,7 @@ impl Collector {
                     }
                     Some(p) if *seq > p + 1 && !markers.is_some_and(|m| m.contains(seq)) => {
                         n.missing_count += (*seq - p - 1) as u64;
+                        missing_below_high_water |= high_water.is_some_and(|(hw, _)| p + 1 < hw);
                         if n.missing.len() < LIST_LIMIT {
                             n.missing.push([p + 1, seq - 1]);
                         }
@@ -287,6 +346,19 @@ impl Collector {
                 n.records += 1;
                 prev = Some(*seq);
             }
+            if let Some((hw, at)) = high_water {
+                n.high_water_seq = Some(hw);
+                n.high_water_at = chrono::DateTime::from_timestamp_millis(at)
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+                // The gap check above covers everything up to the marker, which is itself a row.
+                n.complete = !missing_below_high_water;
+                n.after_high_water = rows.iter().filter(|(s, _)| *s > hw).count() as u64;
+                n.stale = matches!((expect.max_marker_age_ms, newest_marker_ms), (Some(age), Some(newest)) if newest - at > age);
+            } else {
+                // No marker at all: nothing proves the tail; stale when markers are expected.
+                n.stale = expect.max_marker_age_ms.is_some() && newest_marker_ms.is_some();
+            }
+            totals.stale_nodes += u64::from(n.stale);
             totals.records += n.records;
             totals.missing += n.missing_count;
             totals.duplicates += n.duplicate_count;
@@ -312,8 +384,12 @@ impl Collector {
                 }
             }
         }
-        let ok =
-            totals.missing == 0 && totals.duplicates == 0 && aggregates.mismatch_count == 0 && self.errors.is_empty();
+        let ok = totals.missing == 0
+            && totals.duplicates == 0
+            && totals.stale_nodes == 0
+            && totals.absent_nodes.is_empty()
+            && aggregates.mismatch_count == 0
+            && self.errors.is_empty();
         Report {
             ok,
             bucket: bucket.to_owned(),
@@ -352,6 +428,11 @@ pub fn family_of(key: &str) -> Option<Family> {
 
 /// Lists and reads everything under `prefix` and judges it.
 pub async fn verify(s3: &S3, prefix: &str) -> Result<Report, S3Error> {
+    verify_with(s3, prefix, &Expectations::default()).await
+}
+
+/// [`verify`] against [`Expectations`].
+pub async fn verify_with(s3: &S3, prefix: &str, expect: &Expectations) -> Result<Report, S3Error> {
     let list_prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
     let keys = s3.list(&list_prefix).await?;
     let mut c = Collector::default();
@@ -365,7 +446,7 @@ pub async fn verify(s3: &S3, prefix: &str) -> Result<Report, S3Error> {
         let bytes = s3.get(&key).await?;
         c.object(&key, family, bytes);
     }
-    Ok(c.report(s3.bucket(), prefix))
+    Ok(c.report_with(s3.bucket(), prefix, expect))
 }
 
 impl Report {
@@ -397,6 +478,30 @@ impl Report {
             if !n.duplicates.is_empty() {
                 let _ = writeln!(out, "    duplicated seq {:?}", n.duplicates);
             }
+            match (n.high_water_seq, &n.high_water_at) {
+                (Some(hw), Some(at)) if n.complete => {
+                    let _ = writeln!(out, "    complete through seq {} at {at}", hw - 1);
+                }
+                (Some(hw), Some(at)) => {
+                    let _ = writeln!(out, "    NOT complete below its high-water marker (seq {hw} at {at})");
+                }
+                _ => {
+                    let _ = writeln!(out, "    no high-water marker: the newest records cannot be proven");
+                }
+            }
+            if n.after_high_water > 0 {
+                let _ =
+                    writeln!(out, "    {} records after the newest marker (tail not yet proven)", n.after_high_water);
+            }
+            if n.stale {
+                let _ = writeln!(
+                    out,
+                    "    STALE: its markers stopped (older than the allowed age behind the newest node's)"
+                );
+            }
+        }
+        for node in &self.totals.absent_nodes {
+            let _ = writeln!(out, "expected node {node}: nothing in S3");
         }
         let _ = writeln!(
             out,
@@ -421,11 +526,13 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "verdict: {} ({} records, {} missing, {} duplicate)",
+            "verdict: {} ({} records, {} missing, {} duplicate, {} stale nodes, {} absent nodes)",
             if self.ok { "OK" } else { "FAILED" },
             self.totals.records,
             self.totals.missing,
-            self.totals.duplicates
+            self.totals.duplicates,
+            self.totals.stale_nodes,
+            self.totals.absent_nodes.len()
         );
         out
     }
@@ -506,6 +613,63 @@ mod tests {
         assert_eq!(n.missing, vec![[12, 19]], "6..=9 precede a buffer_created marker");
         assert_eq!(n.missing_count, 8);
         assert_eq!((n.min_seq, n.max_seq), (1, 20));
+    }
+
+    fn high_water(node: &str, seq: i64, at: i64) -> DeadLetterRow<'static> {
+        DeadLetterRow { received_at_ms: at, ..dead(node, seq, MarkerKind::HighWater.as_str()) }
+    }
+
+    /// Issue 10: the newest records of a node that never arrived left no gap, and `verify`
+    /// passed; a node that stopped was not noticed.
+    #[test]
+    fn high_water_markers_prove_the_tail_and_expose_what_stopped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let collect = || {
+            let mut c = Collector::default();
+            c.object(
+                "f",
+                Family::Filtered,
+                file(dir.path(), Family::Filtered, |f| {
+                    for seq in 1..=5 {
+                        f.push_reading(&reading("short", seq, "d", T, 10.0)).expect("push");
+                    }
+                    for seq in [1, 2, 3, 5, 6] {
+                        f.push_reading(&reading("whole", seq, "d", T, 10.0)).expect("push");
+                    }
+                    f.push_reading(&reading("quiet", 1, "d", T, 10.0)).expect("push");
+                }),
+            );
+            c.object(
+                "d",
+                Family::Deadletter,
+                file(dir.path(), Family::Deadletter, |f| {
+                    // `short` assigned 6 and 7 before its marker 8: they never arrived.
+                    f.push_deadletter(&high_water("short", 8, T + 60_000)).expect("push");
+                    f.push_deadletter(&high_water("whole", 2, T)).expect("push");
+                    f.push_deadletter(&high_water("whole", 4, T + 60_000)).expect("push");
+                    f.push_deadletter(&high_water("quiet", 2, T - 600_000)).expect("push");
+                }),
+            );
+            c
+        };
+        let r = collect().report("b", "p");
+        assert!(!r.ok, "records of `short` stop short of its marker");
+        let node = |name: &str| r.nodes.iter().find(|n| n.node_id == name).expect("node").clone();
+        let short = node("short");
+        assert_eq!((short.missing.clone(), short.complete, short.high_water_seq), (vec![[6, 7]], false, Some(8)));
+        let whole = node("whole");
+        assert_eq!((whole.missing_count, whole.complete, whole.high_water_seq), (0, true, Some(4)));
+        assert_eq!(whole.high_water_at.as_deref(), Some("2024-12-26T10:01:00.000Z"));
+        assert_eq!(whole.after_high_water, 2, "5 and 6 came after the newest marker");
+        assert!(r.render().contains("complete through seq 3 at 2024-12-26T10:01:00.000Z"), "{}", r.render());
+        assert_eq!(r.totals.stale_nodes, 0, "staleness is judged only when asked");
+
+        let expect = Expectations { max_marker_age_ms: Some(120_000), nodes: vec!["whole".into(), "gone".into()] };
+        let r = collect().report_with("b", "p", &expect);
+        let stale: Vec<&str> = r.nodes.iter().filter(|n| n.stale).map(|n| n.node_id.as_str()).collect();
+        assert_eq!(stale, vec!["quiet"], "its newest marker is 11 minutes behind the newest");
+        assert_eq!(r.totals.absent_nodes, vec!["gone".to_owned()]);
+        assert!(r.render().contains("expected node gone: nothing in S3"));
     }
 
     #[test]

@@ -121,9 +121,18 @@ async fn verify_json_reports_missing_duplicates_and_mismatches() -> Result<()> {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["ok"], true);
     assert_eq!(report["objects"], 2);
-    assert_eq!(report["totals"], serde_json::json!({"records": 3, "missing": 0, "duplicates": 0}));
+    assert_eq!(
+        report["totals"],
+        serde_json::json!({"records": 3, "missing": 0, "duplicates": 0, "stale_nodes": 0, "absent_nodes": []})
+    );
     assert_eq!(report["nodes"][0]["node_id"], "pve-1");
+    assert_eq!(report["nodes"][0]["high_water_seq"], serde_json::Value::Null);
     assert_eq!(report["aggregates"]["windows_checked"], 2);
+    // A node that is expected and has nothing in S3 fails the verdict.
+    let out = aggregator(&["verify", "--config", &display(&config), "--json", "--expect-node", "pve-9"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["totals"]["absent_nodes"], serde_json::json!(["pve-9"]));
 
     // A second file repeats seq 3 and skips 4..=5: a duplicate, a gap, and aggregates off.
     put(&s3, &format!("{day}/filtered_20241226T11Z_processed-data-0_9.parquet"), Family::Filtered, |f| {
@@ -139,6 +148,6 @@ async fn verify_json_reports_missing_duplicates_and_mismatches() -> Result<()> {
     assert_eq!(report["nodes"][0]["duplicates"], serde_json::json!([3]));
     assert_eq!(report["aggregates"]["mismatch_count"], 2, "hour 11 readings have no aggregates");
     let human = aggregator(&["verify", "--config", &display(&config)]);
-    assert!(String::from_utf8_lossy(&human.stdout).contains("verdict: FAILED (4 records, 2 missing, 1 duplicate)"));
+    assert!(String::from_utf8_lossy(&human.stdout).contains("verdict: FAILED (4 records, 2 missing, 1 duplicate, 0 stale nodes, 0 absent nodes)"));
     Ok(())
 }
