@@ -109,4 +109,32 @@ mod tests {
         let c = Checkpoint { resume_offset: 42, state: vec![1u8, 2] };
         assert_eq!(Checkpoint::<Vec<u8>>::parse(&c.to_json().expect("encodes")).expect("parses"), c);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// A control record anybody could have written never panics a stage: it parses or
+            /// is an error (a checkpoint that does not parse halts its partition).
+            #[test]
+            fn arbitrary_bytes_never_panic_the_control_parsers(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = Tick::parse(&bytes);
+                let _ = Checkpoint::<crate::process::window::WindowState>::parse(&bytes);
+                let _ = Checkpoint::<crate::sink::state::SinkState>::parse(&bytes);
+                let _ = crate::processed::Processed::parse(&bytes);
+            }
+
+            /// Near-misses of the real thing: a checkpoint's JSON with its numbers replaced by
+            /// extreme or wrong-typed values.
+            #[test]
+            fn mangled_checkpoints_parse_or_fail_cleanly(n in prop_oneof![
+                Just("null".to_owned()), Just("1e999".to_owned()), Just("-1".to_owned()),
+                Just("18446744073709551616".to_owned()), Just("\"x\"".to_owned()), any::<i64>().prop_map(|v| v.to_string())
+            ]) {
+                let text = format!(r#"{{"resume_offset":{n},"state":{{"high":{{"n":{n}}},"max_event_ms":{n},"windows":{{"{n}":{{"devices":{{}},"all":{{"count":{n},"temperature_sum":{n},"temperature_min":{n},"temperature_max":{n},"humidity_sum":{n}}}}}}}}}}}"#);
+                let _ = Checkpoint::<crate::process::window::WindowState>::parse(text.as_bytes());
+            }
+        }
+    }
 }

@@ -148,6 +148,9 @@ async fn verify_json_reports_missing_duplicates_and_mismatches() -> Result<()> {
     assert_eq!(report["nodes"][0]["duplicates"], serde_json::json!([3]));
     assert_eq!(report["aggregates"]["mismatch_count"], 2, "hour 11 readings have no aggregates");
     let human = aggregator(&["verify", "--config", &display(&config)]);
-    assert!(String::from_utf8_lossy(&human.stdout).contains("verdict: FAILED (4 records, 2 missing, 1 duplicate, 0 stale nodes, 0 absent nodes)"));
+    assert!(
+        String::from_utf8_lossy(&human.stdout)
+            .contains("verdict: FAILED (4 records, 2 missing, 1 duplicate, 0 stale nodes, 0 absent nodes)")
+    );
     Ok(())
 }

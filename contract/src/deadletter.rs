@@ -133,4 +133,28 @@ mod tests {
         assert_eq!(MarkerKind::from_name(MarkerKind::BufferCreated.as_str()), Some(MarkerKind::BufferCreated));
         assert_eq!(MarkerKind::from_name("bad_json"), None);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever a writer of raw-data-dlq sends, parsing never panics.
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = DeadLetter::parse(&bytes);
+            }
+
+            /// Every envelope round-trips, whatever its strings and payload.
+            #[test]
+            fn envelopes_round_trip(node in ".{0,40}", reason in ".{0,20}", seq in any::<u64>(), payload in proptest::collection::vec(any::<u8>(), 0..64)) {
+                let dl = DeadLetter {
+                    node_id: node.into(), seq, reason: reason.into(), detail: "d".into(), source: "s".into(),
+                    received_at_ms: 1, payload_size: payload.len() as u64, truncated: false, payload,
+                };
+                let json = dl.to_json();
+                prop_assert_eq!(DeadLetter::parse(&json).expect("parses"), dl);
+            }
+        }
+    }
 }
