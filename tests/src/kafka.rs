@@ -162,18 +162,27 @@ impl Drop for Tail {
 /// clock offset instead). Call once every agent has forwarded everything, so no dead letter of
 /// the current hour arrives after the tick (it would be filed as late, correctly, but its late
 /// file would wait for the next hour boundary).
+///
+/// The tick carries a broker timestamp two hours ahead as well: a tick never moves a clock past
+/// its own timestamp (a forged tick cannot fast-forward a partition), so the passage of time is
+/// faked on both. With `LogAppendTime` on the topic, as in production, this would not work.
 pub async fn let_dead_letter_hours_pass(bootstrap: &str) -> Result<()> {
     use edgeflow_aggregator::control::{ControlKind, HEADER, Tick};
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
-    let tick = Tick { time_ms: chrono::Utc::now().timestamp_millis() + 2 * 3_600_000 }.to_json();
+    let later = chrono::Utc::now().timestamp_millis() + 2 * 3_600_000;
+    let tick = Tick { time_ms: later }.to_json();
     let partitions = TOPICS.iter().find(|(t, _)| *t == "raw-data-dlq").map_or(1, |(_, p)| *p);
     for partition in 0..partitions {
         let headers = OwnedHeaders::new().insert(Header { key: HEADER, value: Some(ControlKind::Tick.as_str()) });
         producer
             .send(
-                FutureRecord::<(), _>::to("raw-data-dlq").partition(partition).payload(&tick).headers(headers),
+                FutureRecord::<(), _>::to("raw-data-dlq")
+                    .partition(partition)
+                    .payload(&tick)
+                    .timestamp(later)
+                    .headers(headers),
                 Duration::from_secs(30),
             )
             .await

@@ -264,6 +264,30 @@ def check_house_rules(name: str, objs: list[dict]) -> None:
             problem(f"{sn}: minReplicaCount must be >= 1 (idle partitions need a consumer to seal hours)")
 
 
+def check_kafka_access(name: str, objs: list[dict]) -> None:
+    """The edge listener authenticates, ACLs are on, and no agent may write processed-data."""
+    for k in by_kind(objs, "Kafka"):
+        spec = k["spec"]["kafka"]
+        if spec.get("authorization", {}).get("type") != "simple":
+            problem(f"{name}: Kafka/{k['metadata']['name']}: authorization must be simple (ACLs)")
+        for listener in spec.get("listeners", []):
+            if listener.get("type") in ("nodeport", "loadbalancer", "route", "ingress"):
+                if not listener.get("tls") or listener.get("authentication", {}).get("type") not in ("tls", "scram-sha-512"):
+                    problem(f"{name}: listener {listener['name']} is reachable from outside the cluster "
+                            "without TLS and client authentication")
+    agents = [u for u in by_kind(objs, "KafkaUser") if u["metadata"]["name"].startswith("edgeflow-agent-")]
+    if by_kind(objs, "Kafka") and not agents:
+        problem(f"{name}: no edgeflow-agent-* KafkaUser: agents could not connect")
+    for u in agents:
+        for acl in u["spec"].get("authorization", {}).get("acls", []):
+            r = acl["resource"]
+            writes = {"Write", "All", "Create", "Delete", "Alter"} & set(acl.get("operations", []))
+            if acl.get("type", "allow") == "allow" and writes and r.get("type") == "topic" \
+                    and r.get("name") not in ("raw-data", "raw-data-dlq"):
+                problem(f"{name}: KafkaUser/{u['metadata']['name']} may {sorted(writes)} topic {r.get('name')}: "
+                        "agents write raw-data and raw-data-dlq only")
+
+
 def cmd_manifests(args) -> None:
     overlays = load_rendered(Path(args.rendered))
     print(f"[manifests] {', '.join(f'{k} ({len(v)} objects)' for k, v in overlays.items())}", file=sys.stderr)
@@ -271,6 +295,7 @@ def cmd_manifests(args) -> None:
     for name, objs in overlays.items():
         if name in ("local", "eks", "eks-hybrid"):
             check_house_rules(name, objs)
+        check_kafka_access(name, objs)
     info("house rules and cross-file agreements checked for local, eks, eks-hybrid")
     finish("manifests")
 
