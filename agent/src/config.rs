@@ -95,7 +95,14 @@ pub struct MqttConfig {
     /// MQTT 5 Receive Maximum.
     #[serde(default = "default_receive_maximum")]
     pub receive_maximum: u32,
-    /// Largest packet accepted.
+    /// Largest packet accepted from the broker (sent as MQTT 5's Maximum Packet Size, and the
+    /// MQTT 3.1.1 client's incoming limit). Default: MQTT's maximum, 268,435,455 bytes, so
+    /// that the agent takes whatever the broker takes and refuses an oversized payload itself,
+    /// as a dead letter. A smaller value must be at least the broker's own limit (mosquitto:
+    /// `message_size_limit`): under MQTT 5 the broker silently drops what is larger than we
+    /// advertise, and under 3.1.1 a larger packet drops the connection, and the broker sends it
+    /// again on every reconnect. A payload up to this size is held in memory while it is
+    /// classified: bound it at the broker (`message_size_limit`) to bound the agent's memory.
     #[serde(default = "default_max_packet_size")]
     pub max_packet_size: ByteSize,
     /// Connection attempt timeout.
@@ -236,7 +243,7 @@ fn default_receive_maximum() -> u32 {
     8192
 }
 fn default_max_packet_size() -> ByteSize {
-    ByteSize::mib(1)
+    ByteSize(MQTT_MAX_PACKET_BYTES)
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
@@ -436,6 +443,11 @@ const PINNED_PROPERTIES: &[Pinned] = &[
         why: "must not be set: the agent does not use Kafka transactions (delivery rests on the idempotent producer), and a transactional producer refuses every record sent outside one",
     },
     Pinned {
+        key: "message.max.bytes",
+        allowed: |v| v.parse::<usize>().is_ok_and(|n| n >= MESSAGE_MIN_BYTES),
+        why: "must be at least 263168 (256 KiB + 1 KiB): every dead letter must fit one Kafka message, or the forwarder stops behind it",
+    },
+    Pinned {
         key: "partitioner",
         allowed: |v| v != "random",
         why: "must be deterministic for a key (murmur2_random, consistent_random, ...): the aggregator relies on a device's records staying in one partition",
@@ -449,6 +461,9 @@ const IN_FLIGHT_WHY: &str =
 const RETRIES_WHY: &str =
     "must not be lowered (default 2147483647): a record that runs out of retries fails the partition's seq order";
 
+/// The smallest `message.max.bytes` that takes the largest dead letter and its key.
+const MESSAGE_MIN_BYTES: usize = crate::ingest::dead_letter::DEAD_LETTER_MAX_BYTES + 1024;
+
 fn in_flight_ok(v: &str) -> bool {
     v.parse::<u32>().is_ok_and(|n| (1..=5).contains(&n))
 }
@@ -457,6 +472,10 @@ fn in_flight_ok(v: &str) -> bool {
 /// one per packet id. The broker's own cap (mosquitto: `max_inflight_messages`, 0 = none) may
 /// be lower, but the agent cannot see it.
 pub const MQTT_PACKET_IDS: u64 = 65_535;
+
+/// The largest packet MQTT can carry (its remaining length is at most 268,435,455 bytes): the
+/// default `mqtt.max_packet_size`, so the agent takes whatever its broker takes.
+pub const MQTT_MAX_PACKET_BYTES: u64 = 268_435_455;
 
 /// The dedup horizon when `buffer.dedup_horizon` is not set.
 const DEFAULT_DEDUP_HORIZON: u64 = 32_768;
@@ -589,10 +608,12 @@ impl Config {
             .filter(|&n| n > 0)
             .ok_or_else(|| Invalid::new("mqtt.receive_maximum", "must be 1..=65535"))?;
         let max_packet = m.max_packet_size.bytes();
-        if max_packet < max_payload as u64 + 1024 || max_packet > 256 * 1024 * 1024 {
+        if max_packet < max_payload as u64 + 1024 || max_packet > MQTT_MAX_PACKET_BYTES {
             return Err(Invalid::new(
                 "mqtt.max_packet_size",
-                "must be at least records.max_payload_bytes + 1KiB (room for the topic) and at most 256MiB",
+                format!(
+                    "must be at least records.max_payload_bytes + 1KiB (room for the topic) and at most {MQTT_MAX_PACKET_BYTES} (MQTT's maximum, the default); below the broker's own limit (mosquitto: message_size_limit) larger payloads are lost at the broker (MQTT 5) or drop the connection (3.1.1)"
+                ),
             ));
         }
         let keep_alive = at_least("mqtt.keep_alive", m.keep_alive, 5)?;
@@ -842,6 +863,7 @@ mod tests {
             ("acks", "1"),
             ("request.required.acks", "0"),
             ("partitioner", "random"),
+            ("message.max.bytes", "100000"),
         ];
         for (key, value) in cases {
             let err = invalid(&format!("{base}\"{key}\" = \"{value}\""));
@@ -857,6 +879,7 @@ mod tests {
             ("acks", "-1"),
             ("partitioner", "consistent_random"),
             ("linger.ms", "20"),
+            ("message.max.bytes", "263168"),
         ] {
             let text = format!("{base}\"{key}\" = \"{value}\"");
             parse(&text).expect("parses").validate().unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
@@ -896,6 +919,22 @@ mod tests {
         assert_eq!(s.buffer.dedup_horizon, 65_535);
         let err = invalid(&format!("{v5}[mqtt]\nreceive_maximum = 20000\n[buffer]\ndedup_horizon = 16384"));
         assert_eq!(err.field, "buffer.dedup_horizon");
+    }
+
+    /// The agent takes whatever packet its broker can send, so an oversized payload reaches it
+    /// and becomes a dead letter instead of being dropped at the broker or dropping the session.
+    #[test]
+    fn max_packet_size_defaults_to_what_mqtt_can_carry() {
+        let base = "node_id = \"n\"\n[kafka]\nbrokers = \"k:9092\"\n";
+        let s = parse(base).expect("parses").validate().expect("valid");
+        assert_eq!(u64::from(s.mqtt.max_packet_size), MQTT_MAX_PACKET_BYTES);
+        let s = parse(&format!("{base}[mqtt]\nmax_packet_size = \"4MiB\"")).expect("parses").validate().expect("valid");
+        assert_eq!(s.mqtt.max_packet_size, 4 << 20);
+        for bad in ["\"8KiB\"", "268435456"] {
+            let err = invalid(&format!("{base}[mqtt]\nmax_packet_size = {bad}"));
+            assert_eq!(err.field, "mqtt.max_packet_size", "{bad}");
+            assert!(err.problem.contains("message_size_limit"), "{}", err.problem);
+        }
     }
 
     #[test]
