@@ -95,7 +95,14 @@ pub struct MqttConfig {
     /// MQTT 5 Receive Maximum.
     #[serde(default = "default_receive_maximum")]
     pub receive_maximum: u32,
-    /// Largest packet accepted.
+    /// Largest packet accepted from the broker (sent as MQTT 5's Maximum Packet Size, and the
+    /// MQTT 3.1.1 client's incoming limit). Default: MQTT's maximum, 268,435,455 bytes, so
+    /// that the agent takes whatever the broker takes and refuses an oversized payload itself,
+    /// as a dead letter. A smaller value must be at least the broker's own limit (mosquitto:
+    /// `message_size_limit`): under MQTT 5 the broker silently drops what is larger than we
+    /// advertise, and under 3.1.1 a larger packet drops the connection, and the broker sends it
+    /// again on every reconnect. A payload up to this size is held in memory while it is
+    /// classified: bound it at the broker (`message_size_limit`) to bound the agent's memory.
     #[serde(default = "default_max_packet_size")]
     pub max_packet_size: ByteSize,
     /// Connection attempt timeout.
@@ -145,9 +152,13 @@ pub struct BufferConfig {
     /// Policy when the quota is reached.
     #[serde(default = "default_when_full")]
     pub when_full: WhenFull,
-    /// Records remembered for redelivery detection.
-    #[serde(default = "default_dedup_horizon")]
-    pub dedup_horizon: u64,
+    /// Records remembered for redelivery detection. It must cover the broker's in-flight
+    /// window: under MQTT 5 that is `mqtt.receive_maximum`; under MQTT 3.1.1 it is the broker's
+    /// setting (mosquitto: `max_inflight_messages`, 0 = unlimited), which the agent cannot see,
+    /// so the floor is what the protocol allows on one connection, 65,535 packet ids. Unset
+    /// (the default): `max(32768, that floor, max_batch)`. A value below the floor is refused.
+    #[serde(default)]
+    pub dedup_horizon: Option<u64>,
     /// Most messages per commit.
     #[serde(default = "default_max_batch")]
     pub max_batch: u32,
@@ -232,7 +243,7 @@ fn default_receive_maximum() -> u32 {
     8192
 }
 fn default_max_packet_size() -> ByteSize {
-    ByteSize::mib(1)
+    ByteSize(MQTT_MAX_PACKET_BYTES)
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
@@ -254,9 +265,6 @@ fn default_max_bytes() -> ByteSize {
 }
 fn default_when_full() -> WhenFull {
     WhenFull::Block
-}
-fn default_dedup_horizon() -> u64 {
-    32_768
 }
 fn default_max_batch() -> u32 {
     8192
@@ -395,15 +403,82 @@ pub struct Settings {
     pub bootstrap: Option<edgeflow_nodeadm::BootstrapSettings>,
 }
 
-/// librdkafka properties the agent sets itself because delivery depends on them, with the
-/// values an operator may write without changing meaning.
-const PINNED_PROPERTIES: &[(&str, &[&str])] = &[
-    ("bootstrap.servers", &[]),
-    ("enable.idempotence", &["true"]),
-    ("acks", &["all", "-1"]),
-    ("request.required.acks", &["all", "-1"]),
-    ("enable.gapless.guarantee", &["true"]),
+/// A librdkafka property the agent's delivery guarantee rests on: which values keep it, and
+/// why. Keys are compared case-insensitively (librdkafka itself would refuse another case, but
+/// only when the producer is built, and `validate` should say so first).
+struct Pinned {
+    key: &'static str,
+    /// Whether a value keeps the guarantee.
+    allowed: fn(&str) -> bool,
+    /// What to write instead, and why.
+    why: &'static str,
+}
+
+/// librdkafka properties the agent sets itself because the gapless, ordered, idempotent
+/// producer (see `forward`) depends on them. Overriding one with another value is refused.
+const PINNED_PROPERTIES: &[Pinned] = &[
+    Pinned { key: "bootstrap.servers", allowed: |_| false, why: "is set from kafka.brokers" },
+    Pinned {
+        key: "enable.idempotence",
+        allowed: |v| v == "true",
+        why: "must be true: the idempotent producer is what keeps retries from duplicating or reordering records",
+    },
+    Pinned { key: "acks", allowed: |v| matches!(v, "all" | "-1"), why: ACKS_WHY },
+    Pinned { key: "request.required.acks", allowed: |v| matches!(v, "all" | "-1"), why: ACKS_WHY },
+    Pinned {
+        key: "enable.gapless.guarantee",
+        allowed: |v| v == "true",
+        why: "must be true: without it a failed message could leave a gap in a partition's seq order",
+    },
+    Pinned { key: "message.timeout.ms", allowed: |v| v == "0", why: TIMEOUT_WHY },
+    Pinned { key: "delivery.timeout.ms", allowed: |v| v == "0", why: TIMEOUT_WHY },
+    Pinned { key: "max.in.flight.requests.per.connection", allowed: in_flight_ok, why: IN_FLIGHT_WHY },
+    Pinned { key: "max.in.flight", allowed: in_flight_ok, why: IN_FLIGHT_WHY },
+    Pinned { key: "retries", allowed: |v| v == "2147483647", why: RETRIES_WHY },
+    Pinned { key: "message.send.max.retries", allowed: |v| v == "2147483647", why: RETRIES_WHY },
+    Pinned { key: "queuing.strategy", allowed: |v| v == "fifo", why: "must be fifo: records must leave in seq order" },
+    Pinned {
+        key: "transactional.id",
+        allowed: |_| false,
+        why: "must not be set: the agent does not use Kafka transactions (delivery rests on the idempotent producer), and a transactional producer refuses every record sent outside one",
+    },
+    Pinned {
+        key: "message.max.bytes",
+        allowed: |v| v.parse::<usize>().is_ok_and(|n| n >= MESSAGE_MIN_BYTES),
+        why: "must be at least 263168 (256 KiB + 1 KiB): every dead letter must fit one Kafka message, or the forwarder stops behind it",
+    },
+    Pinned {
+        key: "partitioner",
+        allowed: |v| v != "random",
+        why: "must be deterministic for a key (murmur2_random, consistent_random, ...): the aggregator relies on a device's records staying in one partition",
+    },
 ];
+
+const ACKS_WHY: &str = "must be all (or -1): a record is deleted from the buffer on Kafka's acknowledgement, which must mean every in-sync replica has it";
+const TIMEOUT_WHY: &str = "must be 0 (no local timeout): a record expiring in librdkafka's queue would fail the partition's seq order; the buffer is what bounds a Kafka outage";
+const IN_FLIGHT_WHY: &str =
+    "must be 1..=5: the idempotent producer keeps a partition in order only with at most 5 requests in flight";
+const RETRIES_WHY: &str =
+    "must not be lowered (default 2147483647): a record that runs out of retries fails the partition's seq order";
+
+/// The smallest `message.max.bytes` that takes the largest dead letter and its key.
+const MESSAGE_MIN_BYTES: usize = crate::ingest::dead_letter::DEAD_LETTER_MAX_BYTES + 1024;
+
+fn in_flight_ok(v: &str) -> bool {
+    v.parse::<u32>().is_ok_and(|n| (1..=5).contains(&n))
+}
+
+/// The in-flight window of QoS 1 messages an MQTT 3.1.1 broker may hold for one connection:
+/// one per packet id. The broker's own cap (mosquitto: `max_inflight_messages`, 0 = none) may
+/// be lower, but the agent cannot see it.
+pub const MQTT_PACKET_IDS: u64 = 65_535;
+
+/// The largest packet MQTT can carry (its remaining length is at most 268,435,455 bytes): the
+/// default `mqtt.max_packet_size`, so the agent takes whatever its broker takes.
+pub const MQTT_MAX_PACKET_BYTES: u64 = 268_435_455;
+
+/// The dedup horizon when `buffer.dedup_horizon` is not set.
+const DEFAULT_DEDUP_HORIZON: u64 = 32_768;
 
 impl Config {
     /// Parses a configuration file.
@@ -533,10 +608,12 @@ impl Config {
             .filter(|&n| n > 0)
             .ok_or_else(|| Invalid::new("mqtt.receive_maximum", "must be 1..=65535"))?;
         let max_packet = m.max_packet_size.bytes();
-        if max_packet < max_payload as u64 + 1024 || max_packet > 256 * 1024 * 1024 {
+        if max_packet < max_payload as u64 + 1024 || max_packet > MQTT_MAX_PACKET_BYTES {
             return Err(Invalid::new(
                 "mqtt.max_packet_size",
-                "must be at least records.max_payload_bytes + 1KiB (room for the topic) and at most 256MiB",
+                format!(
+                    "must be at least records.max_payload_bytes + 1KiB (room for the topic) and at most {MQTT_MAX_PACKET_BYTES} (MQTT's maximum, the default); below the broker's own limit (mosquitto: message_size_limit) larger payloads are lost at the broker (MQTT 5) or drop the connection (3.1.1)"
+                ),
             ));
         }
         let keep_alive = at_least("mqtt.keep_alive", m.keep_alive, 5)?;
@@ -585,6 +662,7 @@ impl Config {
         }
         let mut properties = BTreeMap::new();
         for (key, value) in &k.properties {
+            check_pinned("kafka.properties", key, value)?;
             properties.insert(key.clone(), Secret::new(value.clone()));
         }
         for (key, path) in &k.property_files {
@@ -592,25 +670,8 @@ impl Config {
                 return Err(Invalid::new(format!("kafka.property_files.{key}"), "is also set in kafka.properties"));
             }
             let value = read_secret_file(&format!("kafka.property_files.{key}"), path)?;
+            check_pinned("kafka.property_files", key, value.expose())?;
             properties.insert(key.clone(), value);
-        }
-        for (key, allowed) in PINNED_PROPERTIES {
-            if let Some(v) = properties.get(*key)
-                && !allowed.contains(&v.expose().to_ascii_lowercase().as_str())
-            {
-                let why = if allowed.is_empty() {
-                    "is set from kafka.brokers".to_owned()
-                } else {
-                    format!("must be {} (the agent's delivery guarantee depends on it)", allowed[0])
-                };
-                return Err(Invalid::new(format!("kafka.properties.{key}"), why));
-            }
-        }
-        if properties.get("partitioner").is_some_and(|v| v.expose() == "random") {
-            return Err(Invalid::new(
-                "kafka.properties.partitioner",
-                "must be deterministic for a key (murmur2_random, consistent_random, ...): the aggregator relies on a device's records staying in one partition",
-            ));
         }
         Ok(KafkaSettings {
             brokers: k.brokers.clone(),
@@ -633,12 +694,25 @@ impl Config {
         if !(1..=65_535).contains(&b.max_batch) {
             return Err(Invalid::new("buffer.max_batch", "must be 1..=65535"));
         }
-        let floor = u64::from(self.mqtt.receive_maximum).max(u64::from(b.max_batch));
-        if b.dedup_horizon < floor {
+        // A crash between commit and PUBACK makes the broker redeliver at most its in-flight
+        // window, and a commit retried after an I/O error re-checks at most one batch.
+        let (window, source) = match self.mqtt.protocol {
+            crate::ingest::Protocol::V5 => (u64::from(self.mqtt.receive_maximum), "mqtt.receive_maximum"),
+            crate::ingest::Protocol::V311 => {
+                (MQTT_PACKET_IDS, "the 65535 packet ids an MQTT 3.1.1 broker may have in flight")
+            }
+        };
+        let floor = window.max(u64::from(b.max_batch));
+        let dedup_horizon = b.dedup_horizon.unwrap_or(DEFAULT_DEDUP_HORIZON.max(floor));
+        if dedup_horizon < floor {
+            let protocol = match self.mqtt.protocol {
+                crate::ingest::Protocol::V5 => "MQTT 5",
+                crate::ingest::Protocol::V311 => "MQTT 3.1.1",
+            };
             return Err(Invalid::new(
                 "buffer.dedup_horizon",
                 format!(
-                    "must be at least {floor} (mqtt.receive_maximum and buffer.max_batch), or redeliveries could go unrecognised"
+                    "must be at least {floor} under {protocol} ({source}, and buffer.max_batch), or redeliveries could go unrecognised; leave it unset to size it so"
                 ),
             ));
         }
@@ -648,10 +722,22 @@ impl Config {
         Ok(BufferSettings {
             max_bytes: b.max_bytes.bytes(),
             when_full: b.when_full,
-            dedup_horizon: b.dedup_horizon,
+            dedup_horizon,
             max_batch: b.max_batch as usize,
             cache_bytes: b.cache_size.bytes() as usize,
         })
+    }
+}
+
+/// Refuses a librdkafka property (`section.key = value`) that would void the delivery
+/// guarantee (see [`PINNED_PROPERTIES`]).
+fn check_pinned(section: &str, key: &str, value: &str) -> Result<(), Invalid> {
+    let normalized = key.trim().to_ascii_lowercase();
+    match PINNED_PROPERTIES.iter().find(|p| p.key == normalized) {
+        Some(p) if !(p.allowed)(value.trim().to_ascii_lowercase().as_str()) => {
+            Err(Invalid::new(format!("{section}.{key}"), p.why))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -754,6 +840,100 @@ mod tests {
         ];
         for (text, field) in cases {
             assert_eq!(invalid(&text).field, field, "{text}");
+        }
+    }
+
+    /// Every librdkafka property the gapless, ordered, idempotent producer rests on is refused
+    /// with a value that would void it, naming the key and why.
+    #[test]
+    fn properties_that_void_the_delivery_guarantee_are_refused() {
+        let base = "node_id = \"n\"\n[kafka]\nbrokers = \"k:9092\"\n[kafka.properties]\n";
+        let cases = [
+            ("message.timeout.ms", "30000"),
+            ("delivery.timeout.ms", "300000"),
+            ("Message.Timeout.MS", "1"),
+            ("max.in.flight.requests.per.connection", "6"),
+            ("max.in.flight", "100"),
+            ("retries", "3"),
+            ("message.send.max.retries", "0"),
+            ("queuing.strategy", "lifo"),
+            ("transactional.id", "agent-1"),
+            ("enable.idempotence", "false"),
+            ("enable.gapless.guarantee", "false"),
+            ("acks", "1"),
+            ("request.required.acks", "0"),
+            ("partitioner", "random"),
+            ("message.max.bytes", "100000"),
+        ];
+        for (key, value) in cases {
+            let err = invalid(&format!("{base}\"{key}\" = \"{value}\""));
+            assert_eq!(err.field, format!("kafka.properties.{key}"), "{key} = {value}");
+            assert!(!err.problem.is_empty(), "{key}: a reason");
+        }
+        // Values that keep the guarantee are accepted.
+        for (key, value) in [
+            ("message.timeout.ms", "0"),
+            ("delivery.timeout.ms", "0"),
+            ("max.in.flight.requests.per.connection", "1"),
+            ("max.in.flight", "5"),
+            ("acks", "-1"),
+            ("partitioner", "consistent_random"),
+            ("linger.ms", "20"),
+            ("message.max.bytes", "263168"),
+        ] {
+            let text = format!("{base}\"{key}\" = \"{value}\"");
+            parse(&text).expect("parses").validate().unwrap_or_else(|e| panic!("{key} = {value}: {e}"));
+        }
+        // A secret file cannot smuggle one in either.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("t"), "5000").expect("write");
+        let text = format!(
+            "node_id = \"n\"\n[kafka]\nbrokers = \"k:9092\"\n[kafka.property_files]\n\"message.timeout.ms\" = \"{}\"",
+            dir.path().join("t").display()
+        );
+        assert_eq!(invalid(&text).field, "kafka.property_files.message.timeout.ms");
+    }
+
+    /// Under MQTT 3.1.1 the broker, not `receive_maximum`, sets the in-flight window; the only
+    /// bound the agent can rely on is the 65,535 packet ids of one connection.
+    #[test]
+    fn the_dedup_horizon_covers_the_in_flight_window_of_the_protocol() {
+        let v311 = "node_id = \"n\"\n[mqtt]\nprotocol = \"3.1.1\"\n[kafka]\nbrokers = \"k:9092\"\n";
+        let err = invalid(&format!("{v311}[buffer]\ndedup_horizon = 32768"));
+        assert_eq!(err.field, "buffer.dedup_horizon");
+        assert!(err.problem.contains("65535") && err.problem.contains("3.1.1"), "{}", err.problem);
+        // receive_maximum does not apply to 3.1.1: a small one does not shrink the floor.
+        let small_window = v311.replace("[mqtt]\n", "[mqtt]\nreceive_maximum = 16\n");
+        let err = invalid(&format!("{small_window}[buffer]\ndedup_horizon = 8192"));
+        assert_eq!(err.field, "buffer.dedup_horizon");
+        // Unset, the horizon is sized for the protocol.
+        let s = parse(v311).expect("parses").validate().expect("valid");
+        assert_eq!(s.buffer.dedup_horizon, 65_535);
+        let s = parse(&format!("{v311}[buffer]\ndedup_horizon = 100000")).expect("parses").validate().expect("valid");
+        assert_eq!(s.buffer.dedup_horizon, 100_000);
+        // MQTT 5: the window is our Receive Maximum.
+        let v5 = "node_id = \"n\"\n[kafka]\nbrokers = \"k:9092\"\n";
+        let s = parse(v5).expect("parses").validate().expect("valid");
+        assert_eq!(s.buffer.dedup_horizon, 32_768);
+        let s = parse(&format!("{v5}[mqtt]\nreceive_maximum = 65535")).expect("parses").validate().expect("valid");
+        assert_eq!(s.buffer.dedup_horizon, 65_535);
+        let err = invalid(&format!("{v5}[mqtt]\nreceive_maximum = 20000\n[buffer]\ndedup_horizon = 16384"));
+        assert_eq!(err.field, "buffer.dedup_horizon");
+    }
+
+    /// The agent takes whatever packet its broker can send, so an oversized payload reaches it
+    /// and becomes a dead letter instead of being dropped at the broker or dropping the session.
+    #[test]
+    fn max_packet_size_defaults_to_what_mqtt_can_carry() {
+        let base = "node_id = \"n\"\n[kafka]\nbrokers = \"k:9092\"\n";
+        let s = parse(base).expect("parses").validate().expect("valid");
+        assert_eq!(u64::from(s.mqtt.max_packet_size), MQTT_MAX_PACKET_BYTES);
+        let s = parse(&format!("{base}[mqtt]\nmax_packet_size = \"4MiB\"")).expect("parses").validate().expect("valid");
+        assert_eq!(s.mqtt.max_packet_size, 4 << 20);
+        for bad in ["\"8KiB\"", "268435456"] {
+            let err = invalid(&format!("{base}[mqtt]\nmax_packet_size = {bad}"));
+            assert_eq!(err.field, "mqtt.max_packet_size", "{bad}");
+            assert!(err.problem.contains("message_size_limit"), "{}", err.problem);
         }
     }
 

@@ -13,6 +13,11 @@
 //! the forwarder resumes reading: the backlog drains in order while new records keep arriving
 //! behind it.
 //!
+//! Every entry fits one Kafka message (`message.max.bytes`): records are small by construction
+//! and dead letters are bounded when written ([`crate::ingest::dead_letter`]). A dead letter
+//! written by an older agent without that bound is cut to it on the way out (the only case where
+//! what reaches Kafka differs from the committed bytes), so it cannot stop the stream behind it.
+//!
 //! A delivery report with an error (a permanent error, or a fatal idempotence error that
 //! fails every queued message) leaves the entry in the buffer. The forwarder then waits for
 //! every in-flight report, recreates the producer if it is in a fatal state, backs off, and
@@ -34,6 +39,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use crate::buffer::entry::{self, Kind};
 use crate::buffer::{Command, Shared};
 use crate::config::KafkaSettings;
+use crate::ingest::dead_letter;
 use crate::metrics::{KindLabel, Metrics};
 
 /// Kafka connectivity, shared with the status endpoint.
@@ -140,6 +146,8 @@ fn producer(settings: &KafkaSettings, client_id: &str, ctx: Context) -> Result<K
         // No local timeout: a message is retried until delivered (the buffer is the bound).
         .set("message.timeout.ms", "0")
         .set("partitioner", "murmur2_random")
+        // Every entry fits: dead letters are bounded well below it (see `ingest::dead_letter`).
+        .set("message.max.bytes", dead_letter::MESSAGE_MAX_BYTES.to_string())
         .set("linger.ms", "2")
         .set("batch.num.messages", "10000")
         .set("compression.type", "lz4")
@@ -378,9 +386,24 @@ fn send_entries(
             Kind::Record => fwd.settings.topic.as_str(),
             Kind::DeadLetter => fwd.settings.dlq_topic.as_str(),
         };
+        // Entries are bounded when written; one written by an older agent may not be, and
+        // Kafka refusing it would stop the stream behind it for good.
+        let bounded = match e.kind {
+            Kind::DeadLetter => dead_letter::shrink(e.value),
+            Kind::Record => None,
+        };
+        if bounded.is_some() {
+            tracing::warn!(
+                seq,
+                bytes = e.value.len(),
+                "a buffered dead letter is larger than a Kafka message may be; sending it with its payload copy cut"
+            );
+            fwd.metrics.dead_letters_truncated.inc();
+        }
         let flight =
             Box::new(InFlight { seq: *seq, kind: e.kind, produced: Instant::now(), received_ms: e.received_ms });
-        let record = BaseRecord::with_opaque_to(topic, flight).key(e.key).payload(e.value);
+        let value = bounded.as_deref().unwrap_or(e.value);
+        let record = BaseRecord::with_opaque_to(topic, flight).key(e.key).payload(value);
         match producer.send(record) {
             Ok(()) => {
                 *in_flight += 1;

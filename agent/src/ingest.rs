@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub mod client;
+pub mod dead_letter;
 
 use edgeflow_contract::{Limits, RawRecord, Reading, TimeBounds};
 use edgeflow_runtime::CancellationToken;
@@ -41,7 +42,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use client::{Client, Event, EventLoop};
 pub use client::{Protocol, Qos};
 
-use crate::buffer::{Append, Command, DeadLetterDraft, Outcome};
+use crate::buffer::{Append, Command, Outcome};
 use crate::config::MqttSettings;
 use crate::metrics::Metrics;
 
@@ -83,7 +84,6 @@ pub fn classify(topic: &str, payload: &[u8], dup: bool, received_ms: i64, node_i
             }
         }
         Err(rejection) => {
-            let keep = payload.len().min(rules.limits.max_payload_bytes);
             // Domain-separated from record keys: a dead letter's identity is its topic and bytes.
             let mut natural = Vec::with_capacity(topic.len() + 10);
             natural.extend_from_slice(b"\xffdlq\0");
@@ -93,14 +93,7 @@ pub fn classify(topic: &str, payload: &[u8], dup: bool, received_ms: i64, node_i
                 natural_hash: xxh3_64(&natural),
                 payload_hash,
                 check_duplicate: dup,
-                draft: DeadLetterDraft {
-                    reason: rejection.reason.as_str().to_owned(),
-                    detail: rejection.detail,
-                    source: topic.to_owned(),
-                    payload: payload[..keep].to_vec(),
-                    payload_size: payload.len() as u64,
-                    truncated: keep < payload.len(),
-                },
+                draft: dead_letter::draft(topic, payload, rejection, rules.limits.max_payload_bytes),
                 received_ms,
             }
         }
@@ -295,6 +288,9 @@ pub async fn run(session: Session, ingest: Ingest, shutdown: CancellationToken, 
                 let append = classify(&topic, &payload, dup, received_ms, &ingest.node_id, &ingest.rules);
                 if let Append::DeadLetter { draft, .. } = &append {
                     ingest.metrics.rejected(&draft.reason);
+                    if draft.truncated {
+                        ingest.metrics.dead_letters_truncated.inc();
+                    }
                 }
                 let token = AckToken { pkid, qos, epoch: current_epoch };
                 if ingest.buffer.send_async(Command::Append(append, token)).await.is_err() {
@@ -347,7 +343,13 @@ pub async fn run(session: Session, ingest: Ingest, shutdown: CancellationToken, 
                 if !accepting.load(Ordering::SeqCst) {
                     break;
                 }
-                if was_connected {
+                if let client::PollError::PacketTooLarge { size, max } = error {
+                    tracing::error!(
+                        size,
+                        max,
+                        "the MQTT broker sent a packet larger than mqtt.max_packet_size; it will send it again on every reconnect: set mqtt.max_packet_size to at least the broker's message_size_limit (the default takes any MQTT packet)"
+                    );
+                } else if was_connected {
                     tracing::warn!(%error, "lost the MQTT connection; reconnecting");
                 } else {
                     tracing::warn!(%error, retry_in = ?backoff, "cannot connect to the MQTT broker");
@@ -397,6 +399,41 @@ mod tests {
         };
         assert_eq!(natural_hash, n2);
         assert_ne!(p2, xxh3_64(payload));
+    }
+
+    /// The largest dead letter any payload and topic can make, with `records.max_payload_bytes`
+    /// at its 16 MiB maximum, still fits one Kafka message of the producer's
+    /// `message.max.bytes` (librdkafka's default, 1,000,000 bytes): otherwise Kafka refuses it
+    /// and the forwarder, sending in `seq` order, is stuck behind it for good.
+    #[test]
+    fn the_largest_dead_letter_fits_one_kafka_message() {
+        let limit = dead_letter::MESSAGE_MAX_BYTES;
+        let rules = Rules { limits: Limits { max_payload_bytes: 16 << 20, ..Limits::default() }, ..rules() };
+        // Control characters take six bytes each in JSON, in the payload's detail and topic too.
+        let topic = "\u{1}".repeat(65_535);
+        let node_id = "n".repeat(128);
+        for payload in [vec![1u8; 16 << 20], vec![0xff; 16 << 20], vec![b'x'; 64 << 20]] {
+            let Append::DeadLetter { draft, .. } = classify(&topic, &payload, false, NOW, &node_id, &rules) else {
+                panic!("expected a dead letter")
+            };
+            let dl = edgeflow_contract::DeadLetter {
+                node_id: node_id.as_str().into(),
+                seq: u64::MAX,
+                reason: draft.reason.as_str().into(),
+                detail: draft.detail.as_str().into(),
+                source: draft.source.as_str().into(),
+                received_at_ms: i64::MIN,
+                payload_size: draft.payload_size,
+                truncated: draft.truncated,
+                payload: draft.payload.clone(),
+            };
+            let value = dl.to_json().len();
+            assert!(value <= dead_letter::DEAD_LETTER_MAX_BYTES, "{value} bytes over the dead-letter bound");
+            let size = value + node_id.len();
+            assert!(size <= limit, "a {}-byte dead letter ({}) exceeds {limit}", size, draft.reason);
+            assert!(draft.truncated && draft.payload_size == payload.len() as u64);
+            assert!(payload.starts_with(&draft.payload), "the copy is a prefix");
+        }
     }
 
     #[test]

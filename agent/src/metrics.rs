@@ -65,6 +65,7 @@ pub struct Metrics {
     pub records_rejected: Family<ReasonLabel, Counter>,
     pub records_duplicate: Counter,
     pub records_dropped: Counter,
+    pub dead_letters_truncated: Counter,
     pub kafka_delivery_errors: Counter,
     pub kafka_errors: Family<ReasonLabel, Counter>,
     pub buffer_commit_errors: Counter,
@@ -126,6 +127,7 @@ impl Metrics {
             records_rejected: Family::default(),
             records_duplicate: Counter::default(),
             records_dropped: Counter::default(),
+            dead_letters_truncated: Counter::default(),
             kafka_delivery_errors: Counter::default(),
             kafka_errors: Family::default(),
             buffer_commit_errors: Counter::default(),
@@ -194,6 +196,11 @@ impl Metrics {
             "records_dropped",
             "Buffered records deleted unsent to make room (buffer full, when_full = drop_oldest)",
             m.records_dropped.clone(),
+        );
+        agent.register(
+            "dead_letters_truncated",
+            "Dead letters whose payload copy was cut (records.max_payload_bytes, or the bound that keeps a dead letter within one Kafka message)",
+            m.dead_letters_truncated.clone(),
         );
         agent.register(
             "kafka_delivery_errors",

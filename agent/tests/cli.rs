@@ -62,6 +62,37 @@ fn invalid_configs_name_the_field_and_never_print_secrets() {
     assert!(err.contains("/nonexistent/agent.toml"), "{err}");
 }
 
+/// `validate` refuses settings that would void the delivery guarantee (exit 2, naming the key)
+/// and accepts MQTT 3.1.1 with the horizon it sizes itself.
+#[test]
+fn validate_refuses_settings_that_void_the_guarantee() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = "node_id = \"n\"\n[kafka]\nbrokers = \"k:9092\"\n";
+    let v311 = "node_id = \"n\"\n[mqtt]\nprotocol = \"3.1.1\"\n[kafka]\nbrokers = \"k:9092\"\n";
+    let cases = [
+        (
+            format!("{base}[kafka.properties]\n\"message.timeout.ms\" = \"30000\"\n"),
+            2,
+            "kafka.properties.message.timeout.ms",
+        ),
+        (
+            format!("{base}[kafka.properties]\n\"delivery.timeout.ms\" = \"30000\"\n"),
+            2,
+            "kafka.properties.delivery.timeout.ms",
+        ),
+        (format!("{base}[kafka.properties]\n\"max.in.flight\" = \"50\"\n"), 2, "kafka.properties.max.in.flight"),
+        (format!("{v311}[buffer]\ndedup_horizon = 32768\n"), 2, "buffer.dedup_horizon"),
+        (v311.to_owned(), 0, "valid"),
+    ];
+    for (text, want, needle) in cases {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, &text).expect("write");
+        let (code, out, err) = agent(&["validate", "--config", path.to_str().expect("utf8")]);
+        assert_eq!(code, want, "{text}: {out}{err}");
+        assert!(out.contains(needle) || err.contains(needle), "{text}: expected `{needle}` in: {out}{err}");
+    }
+}
+
 #[test]
 fn metrics_lists_every_series_family() {
     let (code, out, _) = agent(&["metrics"]);

@@ -148,6 +148,43 @@ async fn the_same_reading_twice_gets_one_seq() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A device sends reading A, then B with the same `device_id` and `timestamp` but another
+/// payload, then A again (its retransmission): A is stored once, B once, whatever came in
+/// between the two copies of A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_after_another_reading_with_the_same_key_gets_no_second_seq() -> anyhow::Result<()> {
+    let env = Env::start(false).await?;
+    let port = free_port();
+    let config = env.write_config("aba", &env.config("node-aba", port, ""))?;
+    let agent = start_agent(&config, port)?;
+    agent.wait_metric("edgeflow_agent_mqtt_connected", Duration::from_secs(10), |v| v == 1.0)?;
+    let now = chrono::Utc::now().to_rfc3339();
+    let a =
+        format!(r#"{{"device_id": "aba", "timestamp": "{now}", "temperature": 70.5, "humidity": 50, "status": "OK"}}"#);
+    let b = a.replace("70.5", "71.5");
+    let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+    let c = a.replace(&now, &later.to_rfc3339());
+    for p in [&a, &b, &a, &c] {
+        mosquitto_pub(env.mosquitto.port, "devices/aba/telemetry", p)?;
+    }
+    agent.wait_metric("edgeflow_agent_mqtt_messages_received_total", Duration::from_secs(10), |v| v == 4.0)?;
+    let got = read_raw(&env.tansu.bootstrap(), 3, Duration::from_secs(20))?;
+    let temps: Vec<f64> = got.iter().map(|g| g.temperature).collect();
+    assert_eq!(got.len(), 3, "A, B and C once each, A's repeat not stored: {temps:?}");
+    assert_eq!(temps, vec![70.5, 71.5, 70.5], "in order: A, B, C");
+    agent.wait_metric("edgeflow_agent_records_duplicate_total", Duration::from_secs(5), |v| v == 1.0)?;
+    Ok(())
+}
+
+/// Publishes one QoS 1 message with `mosquitto_pub` (returns once the broker acknowledged it).
+fn mosquitto_pub(port: u16, topic: &str, payload: &str) -> anyhow::Result<()> {
+    let status = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-m", payload])
+        .status()?;
+    anyhow::ensure!(status.success(), "mosquitto_pub failed: {status}");
+    Ok(())
+}
+
 /// The same guarantees over MQTT 3.1.1 (the broker sets the in-flight window).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_3_1_1_delivers_exactly_once_and_survives_a_kill() -> anyhow::Result<()> {

@@ -12,12 +12,16 @@
 //! entries, then appends in arrival order, then the counters. Nothing in it is visible or
 //! acknowledged until the commit returns.
 //!
-//! The dedup index lives in memory (a hash map keyed by the 64-bit hash of the natural key
-//! `(device_id, timestamp)`) and is rebuilt from `recent` on open. A message counts as a
-//! redelivery when both its natural-key hash and its payload hash match an entry of the horizon
-//! (a false match would need two independent 64-bit hashes to collide at once). After any
-//! failed transaction the in-memory state may be ahead of the file, so the store refuses work
-//! until [`Store::reopen`] reloads it from disk.
+//! The dedup index lives in memory (a hash map keyed by the pair `(natural_hash,
+//! payload_hash)`, the 64-bit hashes of the natural key `(device_id, timestamp)` and of the
+//! payload bytes) and is rebuilt from `recent` on open. A message counts as a redelivery when
+//! that pair is in the horizon (a false match would need two independent 64-bit hashes to
+//! collide at once). Keying on the whole reading, not on the natural key alone, means that a
+//! repeat is recognised whatever came in between: A, then B with the same natural key and
+//! another payload, then A again stores A once and B once. The horizon holds the last
+//! `dedup_horizon` stored entries, so the index stays bounded even when one natural key comes
+//! with many payloads. After any failed transaction the in-memory state may be ahead of the
+//! file, so the store refuses work until [`Store::reopen`] reloads it from disk.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -182,11 +186,13 @@ impl Hasher for PassThrough {
         }
     }
     fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+        // Keys are pairs of independent hashes: mixing keeps every bit of both.
+        self.0 = self.0.rotate_left(29) ^ n;
     }
 }
 
-type DedupMap = HashMap<u64, (u64, u64), BuildHasherDefault<PassThrough>>;
+/// `(natural_hash, payload_hash)` -> `seq`, mirrors `recent`.
+type DedupMap = HashMap<(u64, u64), u64, BuildHasherDefault<PassThrough>>;
 
 /// The buffer file. Single-threaded: owned by the buffer thread.
 pub struct Store {
@@ -195,7 +201,7 @@ pub struct Store {
     opts: StoreOptions,
     db: Option<Database>,
     stats: Stats,
-    /// natural hash -> (payload hash, seq), mirrors `recent`.
+    /// The dedup horizon in memory (see the module doc).
     dedup: DedupMap,
     /// After the filesystem ran out of space: room (bytes) to keep free inside the file for
     /// deletions, which appends may not use (see [`Store::set_disk_guard`]).
@@ -378,14 +384,15 @@ impl Store {
             stats.oldest_received_ms = entry::decode(v.value()).ok().map(|e| e.received_ms);
         }
         let recent = txn.open_table(RECENT).map_err(txn_err)?;
+        let rows = recent.len().map_err(txn_err)?;
         let mut dedup = DedupMap::default();
-        dedup.reserve(recent.len().map_err(txn_err)? as usize);
+        dedup.reserve(rows as usize);
         for row in recent.iter().map_err(txn_err)? {
             let (k, v) = row.map_err(txn_err)?;
-            let (natural, payload) = v.value();
-            dedup.insert(natural, (payload, k.value()));
+            dedup.insert(v.value(), k.value());
         }
-        stats.dedup_entries = dedup.len() as u64;
+        // The rows, not the distinct keys: the horizon's bound counts rows.
+        stats.dedup_entries = rows;
         self.stats = stats;
         self.dedup = dedup;
         Ok(())
@@ -476,10 +483,7 @@ impl Store {
                         (*natural_hash, *payload_hash, *check_duplicate)
                     }
                 };
-                if check
-                    && let Some(&(hash, seq)) = self.dedup.get(&natural)
-                    && hash == payload_hash
-                {
+                if check && let Some(&seq) = self.dedup.get(&(natural, payload_hash)) {
                     applied.outcomes.push(Outcome::Duplicate { seq });
                     continue;
                 }
@@ -539,13 +543,14 @@ impl Store {
                 stats.bytes += need;
                 stats.count += 1;
                 recent.insert(seq, (natural, payload_hash)).map_err(txn_err)?;
-                self.dedup.insert(natural, (payload_hash, seq));
+                self.dedup.insert((natural, payload_hash), seq);
                 stats.dedup_entries += 1;
                 while stats.dedup_entries > self.opts.dedup_horizon {
                     let Some((k, v)) = recent.pop_first().map_err(txn_err)? else { break };
-                    let (old_natural, _) = v.value();
-                    if self.dedup.get(&old_natural).is_some_and(|&(_, s)| s == k.value()) {
-                        self.dedup.remove(&old_natural);
+                    // Only if no later copy (a dead letter stored twice on purpose) took it over.
+                    let old = v.value();
+                    if self.dedup.get(&old) == Some(&k.value()) {
+                        self.dedup.remove(&old);
                     }
                     stats.dedup_entries -= 1;
                 }
@@ -751,6 +756,25 @@ mod tests {
             std::str::from_utf8(e.value).expect("utf8"),
             format!(r#"{{"device_id":"d2","ts":2,"seq":{}}}"#, base + 3)
         );
+    }
+
+    /// A, then B (same device and timestamp, other payload), then A again: the repeat of A is
+    /// recognised whatever came in between, and B's repeat too.
+    #[test]
+    fn a_repeat_is_recognised_by_the_whole_reading_whatever_came_in_between() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) = open(dir.path(), opts(1 << 20, WhenFull::Block));
+        let base = store.stats().next_seq;
+        let first = store.apply(&[], &[record("d", 1, 0xA), record("d", 1, 0xB)]).expect("commit");
+        assert_eq!(seqs(&first), vec![Outcome::Stored { seq: base }, Outcome::Stored { seq: base + 1 }]);
+        let again = store.apply(&[], &[record("d", 1, 0xA), record("d", 1, 0xB)]).expect("commit");
+        assert_eq!(seqs(&again), vec![Outcome::Duplicate { seq: base }, Outcome::Duplicate { seq: base + 1 }]);
+        // The same holds after a restart (the index is rebuilt from the file).
+        drop(store);
+        let (mut store, _) = open(dir.path(), opts(1 << 20, WhenFull::Block));
+        let reopened = store.apply(&[], &[record("d", 1, 0xA), record("d", 1, 0xB)]).expect("commit");
+        assert_eq!(seqs(&reopened), vec![Outcome::Duplicate { seq: base }, Outcome::Duplicate { seq: base + 1 }]);
+        assert_eq!(store.stats().next_seq, base + 2, "nothing stored twice");
     }
 
     #[test]

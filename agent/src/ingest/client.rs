@@ -50,6 +50,47 @@ pub enum Event {
     Other,
 }
 
+/// Why polling the session failed. rumqttc has dropped the connection either way; the next
+/// poll reconnects.
+#[derive(Debug, thiserror::Error)]
+pub enum PollError {
+    /// The broker sent a packet over `mqtt.max_packet_size`. rumqttc refuses it before reading
+    /// it, so it cannot be dead-lettered, and the broker sends it again after the reconnect.
+    #[error("the broker sent a packet of {size} bytes, more than mqtt.max_packet_size ({max} bytes)")]
+    PacketTooLarge { size: usize, max: u64 },
+    /// Any other connection or protocol failure.
+    #[error("{0}")]
+    Connection(String),
+}
+
+impl From<rumqttc::v5::ConnectionError> for PollError {
+    fn from(e: rumqttc::v5::ConnectionError) -> Self {
+        use rumqttc::v5::mqttbytes::Error as E;
+        use rumqttc::v5::{ConnectionError as C, StateError as S};
+        match e {
+            C::MqttState(S::Deserialization(E::PayloadSizeLimitExceeded { pkt_size, max })) => {
+                PollError::PacketTooLarge { size: pkt_size, max: u64::from(max) }
+            }
+            C::MqttState(S::IncomingPacketTooLarge { pkt_size, max }) => {
+                PollError::PacketTooLarge { size: pkt_size, max: max as u64 }
+            }
+            other => PollError::Connection(other.to_string()),
+        }
+    }
+}
+
+impl PollError {
+    fn v4(e: rumqttc::ConnectionError, max: usize) -> Self {
+        use rumqttc::{ConnectionError as C, Error as E, StateError as S};
+        match e {
+            C::MqttState(S::Deserialization(E::PayloadSizeLimitExceeded(size))) => {
+                PollError::PacketTooLarge { size, max: max as u64 }
+            }
+            other => PollError::Connection(other.to_string()),
+        }
+    }
+}
+
 /// The client half: queues requests to the event loop.
 #[derive(Clone, Debug)]
 pub enum Client {
@@ -61,7 +102,8 @@ pub enum Client {
 #[allow(missing_debug_implementations)] // rumqttc's event loops are not Debug
 pub enum EventLoop {
     V5(Box<rumqttc::v5::EventLoop>),
-    V311(Box<rumqttc::EventLoop>),
+    /// With its incoming packet limit, for [`PollError::PacketTooLarge`].
+    V311(Box<rumqttc::EventLoop>, usize),
 }
 
 /// Builds a client and its event loop. No connection is attempted until the loop is polled.
@@ -77,6 +119,9 @@ pub fn new(s: &MqttSettings) -> (Client, EventLoop) {
                 .set_clean_start(false)
                 .set_session_expiry_interval(Some(s.session_expiry_secs))
                 .set_receive_maximum(Some(s.receive_maximum))
+                // Advertised as Maximum Packet Size: the broker silently drops anything larger,
+                // so this is what the broker itself accepts (default MQTT's maximum, see
+                // config); an oversized payload then reaches us and becomes a dead letter.
                 .set_max_packet_size(Some(s.max_packet_size))
                 .set_manual_acks(true)
                 .set_connection_timeout(s.connect_timeout_secs);
@@ -93,6 +138,7 @@ pub fn new(s: &MqttSettings) -> (Client, EventLoop) {
             let mut o = rumqttc::MqttOptions::new(s.client_id.clone(), s.host.clone(), s.port);
             o.set_keep_alive(s.keep_alive)
                 .set_clean_session(false)
+                // Incoming: what the broker may send (default MQTT's maximum, see config).
                 .set_max_packet_size(s.max_packet_size as usize, 64 * 1024)
                 .set_manual_acks(true);
             if let Some(user) = &s.username {
@@ -105,7 +151,7 @@ pub fn new(s: &MqttSettings) -> (Client, EventLoop) {
             let mut net = rumqttc::NetworkOptions::new();
             net.set_connection_timeout(s.connect_timeout_secs);
             l.set_network_options(net);
-            (Client::V311(c), EventLoop::V311(Box::new(l)))
+            (Client::V311(c), EventLoop::V311(Box::new(l), s.max_packet_size as usize))
         }
     }
 }
@@ -155,11 +201,11 @@ impl Client {
 impl EventLoop {
     /// The next event; reconnects when polled after an error. Must not be cancelled mid-way
     /// while connected (a write could be cut in half).
-    pub async fn poll(&mut self) -> Result<Event, String> {
+    pub async fn poll(&mut self) -> Result<Event, PollError> {
         use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as C5, Packet as P5};
         use rumqttc::{ConnectReturnCode as C4, Packet as P4};
         match self {
-            EventLoop::V5(l) => match l.poll().await.map_err(|e| e.to_string())? {
+            EventLoop::V5(l) => match l.poll().await.map_err(PollError::from)? {
                 rumqttc::v5::Event::Incoming(P5::Publish(p)) => Ok(Event::Publish {
                     topic: p.topic,
                     payload: p.payload,
@@ -179,7 +225,7 @@ impl EventLoop {
                 rumqttc::v5::Event::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(Event::Disconnected),
                 _ => Ok(Event::Other),
             },
-            EventLoop::V311(l) => match l.poll().await.map_err(|e| e.to_string())? {
+            EventLoop::V311(l, max) => match l.poll().await.map_err(|e| PollError::v4(e, *max))? {
                 rumqttc::Event::Incoming(P4::Publish(p)) => Ok(Event::Publish {
                     topic: Bytes::from(p.topic.into_bytes()),
                     payload: p.payload,
@@ -203,7 +249,7 @@ impl EventLoop {
     pub fn clean(&mut self) {
         match self {
             EventLoop::V5(l) => l.clean(),
-            EventLoop::V311(l) => l.clean(),
+            EventLoop::V311(l, _) => l.clean(),
         }
     }
 }
