@@ -186,6 +186,11 @@ pub struct RecordsConfig {
     /// Furthest accepted event time into the future (0 disables).
     #[serde(default = "default_max_future")]
     pub max_future: Duration,
+    /// When set, the topic level (0-based) that names the device: a reading whose `device_id`
+    /// differs from it is refused (`device_topic_mismatch`). With broker ACLs that pin each
+    /// device's credentials to its own topic, a device cannot report as another.
+    #[serde(default)]
+    pub device_topic_level: Option<u8>,
 }
 
 impl Default for RecordsConfig {
@@ -539,6 +544,7 @@ impl Config {
             limits: Limits { max_payload_bytes: max_payload as usize, ..Limits::default() },
             max_past_ms: ms(r.max_past),
             max_future_ms: ms(r.max_future),
+            device_topic_level: r.device_topic_level.map(usize::from),
         })
     }
 

@@ -35,7 +35,7 @@ use std::time::Duration;
 pub mod client;
 pub mod dead_letter;
 
-use edgeflow_contract::{Limits, RawRecord, Reading, TimeBounds};
+use edgeflow_contract::{Limits, RawRecord, Reading, RejectReason, Rejection, TimeBounds};
 use edgeflow_runtime::CancellationToken;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -60,6 +60,8 @@ pub struct Rules {
     pub limits: Limits,
     pub max_past_ms: Option<i64>,
     pub max_future_ms: Option<i64>,
+    /// The topic level naming the device, when readings are bound to their topic.
+    pub device_topic_level: Option<usize>,
 }
 
 /// Turns one MQTT message into a buffer append: a record if valid, a dead letter otherwise.
@@ -67,7 +69,14 @@ pub struct Rules {
 pub fn classify(topic: &str, payload: &[u8], dup: bool, received_ms: i64, node_id: &str, rules: &Rules) -> Append {
     let bounds = TimeBounds { now_ms: received_ms, max_past_ms: rules.max_past_ms, max_future_ms: rules.max_future_ms };
     let payload_hash = xxh3_64(payload);
-    match Reading::parse(payload, &rules.limits, &bounds) {
+    let parsed = Reading::parse(payload, &rules.limits, &bounds).and_then(|reading| match rules.device_topic_level {
+        Some(level) if topic.split('/').nth(level) != Some(reading.device_id.as_ref()) => Err(Rejection {
+            reason: RejectReason::DeviceTopicMismatch,
+            detail: format!("device_id is not the device named by level {level} of the topic"),
+        }),
+        _ => Ok(reading),
+    });
+    match parsed {
         Ok(reading) => {
             let mut natural = Vec::with_capacity(reading.device_id.len() + reading.timestamp.len() + 1);
             natural.extend_from_slice(reading.device_id.as_bytes());
@@ -372,7 +381,12 @@ mod tests {
     use super::*;
 
     fn rules() -> Rules {
-        Rules { limits: Limits::default(), max_past_ms: Some(86_400_000), max_future_ms: Some(60_000) }
+        Rules {
+            limits: Limits::default(),
+            max_past_ms: Some(86_400_000),
+            max_future_ms: Some(60_000),
+            device_topic_level: None,
+        }
     }
 
     const NOW: i64 = 1_735_207_200_000;
@@ -399,6 +413,23 @@ mod tests {
         };
         assert_eq!(natural_hash, n2);
         assert_ne!(p2, xxh3_64(payload));
+    }
+
+    /// Issue 10: with `records.device_topic_level`, a device (a broker login pinned to its own
+    /// topic) cannot report readings as another device.
+    #[test]
+    fn a_reading_can_be_bound_to_the_device_its_topic_names() {
+        let payload = br#"{"device_id": "device123", "timestamp": "2024-12-26T10:00:00Z", "temperature": 72.5, "humidity": 55.2, "status": "OK"}"#;
+        let bound = Rules { device_topic_level: Some(1), ..rules() };
+        assert!(matches!(classify("devices/device123/telemetry", payload, false, NOW, "n", &bound), Append::Record { .. }));
+        for topic in ["devices/device999/telemetry", "devices", "device123/x"] {
+            let Append::DeadLetter { draft, .. } = classify(topic, payload, false, NOW, "n", &bound) else {
+                panic!("{topic}: expected a dead letter")
+            };
+            assert_eq!(draft.reason, "device_topic_mismatch", "{topic}");
+        }
+        // Unset, the topic is not checked.
+        assert!(matches!(classify("devices/other/telemetry", payload, false, NOW, "n", &rules()), Append::Record { .. }));
     }
 
     /// The largest dead letter any payload and topic can make, with `records.max_payload_bytes`

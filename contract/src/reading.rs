@@ -52,11 +52,14 @@ pub enum RejectReason {
     BadDeviceId,
     /// A string field is longer than its bound.
     FieldTooLong,
+    /// `device_id` differs from the device named by the MQTT topic it came on (an agent
+    /// setting; the topic binds a broker identity to a device).
+    DeviceTopicMismatch,
 }
 
 impl RejectReason {
     /// Every reason, for pre-registering metric label values.
-    pub const ALL: [RejectReason; 13] = [
+    pub const ALL: [RejectReason; 14] = [
         Self::Oversized,
         Self::NotUtf8,
         Self::BadJson,
@@ -70,6 +73,7 @@ impl RejectReason {
         Self::TimestampOutOfRange,
         Self::BadDeviceId,
         Self::FieldTooLong,
+        Self::DeviceTopicMismatch,
     ];
 
     /// Stable snake_case name used in metrics labels and dead letters.
@@ -88,6 +92,7 @@ impl RejectReason {
             Self::TimestampOutOfRange => "timestamp_out_of_range",
             Self::BadDeviceId => "bad_device_id",
             Self::FieldTooLong => "field_too_long",
+            Self::DeviceTopicMismatch => "device_topic_mismatch",
         }
     }
 
