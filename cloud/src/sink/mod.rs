@@ -323,6 +323,7 @@ impl SinkStage {
                                 uploading: BTreeMap::new(),
                                 scheme: KeyScheme {
                                     prefix: self.settings.s3.prefix.clone(),
+                                    deployment: self.settings.s3.deployment_id.clone(),
                                     topic: topic.clone(),
                                     partition: *partition,
                                 },
