@@ -193,7 +193,7 @@ fn run_stage(stage: &str, bootstrap: &str, s3: &str, dir: &Path, count: u64, top
         format!(
             "[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"bench\"\n[process]\nidle_timeout = \"1h\"\n\
              [sink]\nspool_dir = \"{}\"\nidle_timeout = \"1h\"\n\
-             [s3]\nbucket = \"bench\"\nregion = \"us-east-1\"\nendpoint_url = \"{s3}\"\nforce_path_style = true\n\
+             [s3]\nbucket = \"bench\"\ndeployment_id = \"bench\"\nregion = \"us-east-1\"\nendpoint_url = \"{s3}\"\nforce_path_style = true\n\
              [metrics]\nlisten = \"127.0.0.1:{port}\"\n",
             dir.join("spool").display()
         ),

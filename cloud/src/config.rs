@@ -145,6 +145,10 @@ pub struct S3Config {
     pub bucket: String,
     /// Key prefix, no leading or trailing slash.
     pub prefix: String,
+    /// Names this deployment (a site or cluster) in every object key and in the
+    /// `edgeflow-writer` metadata of every object. Required: two deployments sharing a bucket
+    /// prefix must never write the same key.
+    pub deployment_id: Option<String>,
     /// Signing region.
     pub region: String,
     /// The interface endpoint (or a local S3 server); unset for the regional endpoint.
@@ -160,6 +164,7 @@ impl Default for S3Config {
         Self {
             bucket: "edgeflow-telemetry".into(),
             prefix: "telemetry".into(),
+            deployment_id: None,
             region: "eu-west-1".into(),
             endpoint_url: None,
             force_path_style: false,
@@ -251,6 +256,9 @@ pub struct S3Settings {
     pub bucket: String,
     /// Empty, or ends without a slash.
     pub prefix: String,
+    /// 1..=63 of `a-z 0-9 -`: a directory right under the prefix, and the writer recorded in
+    /// every object's metadata.
+    pub deployment_id: String,
     pub region: String,
     pub endpoint_url: Option<Url>,
     pub force_path_style: bool,
@@ -350,6 +358,7 @@ impl Config {
         if s3.prefix.starts_with('/') || s3.prefix.ends_with('/') {
             return Err(Invalid::new("s3.prefix", "must not start or end with '/'"));
         }
+        let deployment_id = validate_deployment_id(s3.deployment_id.as_deref())?;
         non_empty("s3.region", &s3.region)?;
         let endpoint_url = match &s3.endpoint_url {
             None => None,
@@ -405,6 +414,7 @@ impl Config {
             s3: S3Settings {
                 bucket: s3.bucket.clone(),
                 prefix: s3.prefix.clone(),
+                deployment_id,
                 region: s3.region.clone(),
                 endpoint_url,
                 force_path_style: s3.force_path_style,
@@ -422,6 +432,33 @@ fn non_empty(field: &str, value: &str) -> Result<(), Invalid> {
 
 fn positive(field: &str, value: Duration) -> Result<(), Invalid> {
     if value.get().is_zero() { Err(Invalid::new(field, "must be greater than zero")) } else { Ok(()) }
+}
+
+/// `[s3] deployment_id`: required, 1..=63 of `a-z 0-9 -` (a key directory and an S3 metadata
+/// value, the same in every replica and across restarts).
+fn validate_deployment_id(id: Option<&str>) -> Result<String, Invalid> {
+    const FIELD: &str = "s3.deployment_id";
+    const WHY: &str = "two sites or clusters sharing a bucket prefix must never write the same key";
+    let Some(id) = id else {
+        return Err(Invalid::new(
+            FIELD,
+            format!(
+                "is required: it names this deployment in every object key ({WHY}); set one per site or cluster, the same in all its replicas"
+            ),
+        ));
+    };
+    let ok =
+        (1..=63).contains(&id.len()) && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if ok {
+        Ok(id.to_owned())
+    } else {
+        Err(Invalid::new(
+            FIELD,
+            format!(
+                "`{id}` is not a deployment id: 1-63 characters of a-z 0-9 - (it is a key directory under the prefix; {WHY})"
+            ),
+        ))
+    }
 }
 
 /// S3 bucket naming rules (the general-purpose bucket subset that works everywhere).
@@ -446,16 +483,43 @@ mod tests {
     fn default_toml_parses_and_equals_the_built_in_defaults() {
         let parsed = Config::parse(DEFAULT_TOML).expect("default.toml parses");
         let from_file = parsed.validate().expect("default.toml validates");
-        let built_in = Config::default().validate().expect("defaults validate");
+        // The deployment id has no built-in default; default.toml sets a placeholder.
+        let mut built_in = Config::default();
+        assert_eq!(built_in.validate().expect_err("no deployment id").field, "s3.deployment_id");
+        built_in.s3.deployment_id = Some(from_file.s3.deployment_id.clone());
+        let built_in = built_in.validate().expect("defaults validate");
         assert_eq!(format!("{from_file:?}"), format!("{built_in:?}"));
         assert_eq!(from_file.kafka.process_group(), "edgeflow-aggregator-process");
         assert_eq!(from_file.kafka.sink_group(), "edgeflow-aggregator-sink");
     }
 
+    /// Parses `toml` and sets a deployment id when it has none.
+    fn with_id(toml: &str) -> Config {
+        let mut c = Config::parse(toml).expect("parses");
+        c.s3.deployment_id.get_or_insert_with(|| "site-1".into());
+        c
+    }
+
+    #[test]
+    fn the_deployment_id_is_required_and_a_plain_name() {
+        let err = Config::parse("").expect("parses").validate().expect_err("missing");
+        assert_eq!(err.field, "s3.deployment_id");
+        assert!(err.to_string().contains("must never write the same key"), "{err}");
+        for bad in ["", "Site-1", "site_1", "a/b", "é", &"x".repeat(64)] {
+            let err =
+                Config::parse(&format!("[s3]\ndeployment_id = {bad:?}")).expect("parses").validate().expect_err(bad);
+            assert_eq!(err.field, "s3.deployment_id", "{bad}");
+        }
+        for good in ["a", "eu-west-1-plant-7", &"x".repeat(63)] {
+            let s = Config::parse(&format!("[s3]\ndeployment_id = {good:?}")).expect("parses").validate().expect(good);
+            assert_eq!(s.s3.deployment_id, good);
+        }
+    }
+
     #[test]
     fn errors_name_the_field() {
         let check = |toml: &str, field: &str| {
-            let err = Config::parse(toml).expect("parses").validate().expect_err(toml);
+            let err = with_id(toml).validate().expect_err(toml);
             assert_eq!(err.field, field, "{toml}: {err}");
         };
         check("[kafka]\nbrokers = \"\"", "kafka.brokers");
@@ -476,8 +540,7 @@ mod tests {
 
     #[test]
     fn secrets_never_show_in_debug() {
-        let c = Config::parse("[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n\"client.id\" = \"x\"")
-            .expect("parses");
+        let c = with_id("[kafka.properties]\n\"sasl.password\" = \"hunter2\"\n\"client.id\" = \"x\"");
         let s = c.validate().expect("valid");
         let shown = format!("{s:?} {c:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
@@ -486,10 +549,9 @@ mod tests {
 
     #[test]
     fn endpoint_and_kms_are_kept() {
-        let c = Config::parse(
+        let c = with_id(
             "[s3]\nendpoint_url = \"https://bucket.vpce-0abc-xyz.s3.eu-west-1.vpce.amazonaws.com\"\nforce_path_style = true\nsse_kms_key_id = \"alias/x\"",
-        )
-        .expect("parses");
+        );
         let s = c.validate().expect("valid");
         assert_eq!(
             s.s3.endpoint_url.as_ref().map(Url::as_str),

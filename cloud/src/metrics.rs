@@ -97,6 +97,12 @@ pub struct Metrics {
     pub upload_seconds: Histogram,
     /// Failed upload attempts (each is retried).
     pub upload_errors: Counter,
+    /// Upload attempts that found another writer's object (or one without edgeflow metadata)
+    /// at their key: the group waits, never counted done.
+    pub upload_conflicts: Counter,
+    /// Uploads answered 412 whose object is this deployment's but holds other bytes (another
+    /// version encoded the same input differently); kept as ours.
+    pub uploads_reencoded: Counter,
     /// Age of the oldest record read by the sink and not yet in S3.
     pub oldest_pending_age: F64Gauge,
     /// Bytes in the spool (open files and sealed files awaiting upload).
@@ -142,6 +148,8 @@ impl Metrics {
             uploads_already_present: Counter::default(),
             upload_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
             upload_errors: Counter::default(),
+            upload_conflicts: Counter::default(),
+            uploads_reencoded: Counter::default(),
             oldest_pending_age: F64Gauge::default(),
             spool_bytes: Gauge::default(),
             paused: Gauge::default(),
@@ -197,6 +205,16 @@ impl Metrics {
             m.upload_seconds.clone(),
         );
         r.register("upload_errors", "Failed upload attempts (each is retried)", m.upload_errors.clone());
+        r.register(
+            "upload_conflicts",
+            "Upload attempts whose key holds an object another writer wrote (retried; the group is not committed past)",
+            m.upload_conflicts.clone(),
+        );
+        r.register(
+            "uploads_reencoded",
+            "Uploads whose key holds this deployment's object with other bytes (another version's encoding; kept)",
+            m.uploads_reencoded.clone(),
+        );
         r.register_with_unit(
             "oldest_pending_record_age",
             "Age of the oldest record read by the sink and not yet in S3",

@@ -97,7 +97,7 @@ async fn verify_json_reports_missing_duplicates_and_mismatches() -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[s3]\nbucket = \"{BUCKET}\"\nprefix = \"{PREFIX}\"\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\nforce_path_style = true\n",
+            "[s3]\nbucket = \"{BUCKET}\"\nprefix = \"{PREFIX}\"\ndeployment_id = \"{DEPLOYMENT}\"\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\nforce_path_style = true\n",
             moto.endpoint()
         ),
     )?;
@@ -108,7 +108,16 @@ async fn verify_json_reports_missing_duplicates_and_mismatches() -> Result<()> {
         }
     })
     .await?;
-    put(&s3, &format!("{day}/aggregated_20241226T10Z_processed-data-0_5.parquet"), Family::Aggregated, |f| {
+    // Keys from before `[s3] deployment_id` and keys under it are read alike; the sink's
+    // start-up probe (`_edgeflow/`) is not data.
+    let new_day = format!("{PREFIX}/{DEPLOYMENT}/2024/12/26");
+    s3.put_object()
+        .bucket(BUCKET)
+        .key(format!("{PREFIX}/{DEPLOYMENT}/_edgeflow/create-only-probe"))
+        .body(b"probe".to_vec().into())
+        .send()
+        .await?;
+    put(&s3, &format!("{new_day}/aggregated_20241226T10Z_processed-data-0_5.parquet"), Family::Aggregated, |f| {
         let mut s = Sums::of(20.0, 40.0);
         s.add(20.0, 40.0);
         s.add(20.0, 40.0);

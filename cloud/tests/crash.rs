@@ -185,6 +185,10 @@ async fn a_replay_after_uploads_finds_every_object_already_there() -> Result<()>
     assert!(before.len() >= 8, "{before:#?}");
     let files = before.len() as f64;
     a.wait_metric("edgeflow_aggregator_uploads_already_present_total", files, Duration::from_secs(60)).await?;
+    // Found ours by content: the replay encoded every object to the same bytes (same SHA-256).
+    let text = a.metrics().await?;
+    assert_eq!(metric(&text, "edgeflow_aggregator_uploads_reencoded_total"), Some(0.0), "same bytes on replay");
+    assert_eq!(metric(&text, "edgeflow_aggregator_upload_conflicts_total"), Some(0.0));
     assert_eq!(env.keys().await?, before, "the replay rewrote the same keys, and nothing else");
     check_manifests(&env).await?;
     Ok(())

@@ -147,7 +147,7 @@ impl Stack {
                  [kafka.properties]\n\"session.timeout.ms\" = \"{}\"\n\"heartbeat.interval.ms\" = \"1000\"\n\
                  [process]\nallowed_lateness = \"5s\"\ncheckpoint_interval = \"2s\"\nidle_timeout = \"8s\"\n\
                  [sink]\nspool_dir = \"{}\"\nseal_grace = \"10s\"\nidle_timeout = \"8s\"\ncheckpoint_interval = \"2s\"\n\
-                 [s3]\nbucket = \"{BUCKET}\"\nprefix = \"{PREFIX}\"\nregion = \"us-east-1\"\n\
+                 [s3]\nbucket = \"{BUCKET}\"\nprefix = \"{PREFIX}\"\ndeployment_id = \"e2e\"\nregion = \"us-east-1\"\n\
                  endpoint_url = \"http://127.0.0.1:{s3_port}\"\nforce_path_style = true\n\
                  [metrics]\nlisten = \"127.0.0.1:{port}\"\n",
                 SESSION_TIMEOUT.as_millis(),
@@ -190,7 +190,7 @@ impl Stack {
         std::fs::write(
             &config,
             format!(
-                "[kafka]\nbrokers = \"127.0.0.1:9\"\n[s3]\nbucket = \"{BUCKET}\"\nprefix = \"{PREFIX}\"\nregion = \"us-east-1\"\n\
+                "[kafka]\nbrokers = \"127.0.0.1:9\"\n[s3]\nbucket = \"{BUCKET}\"\nprefix = \"{PREFIX}\"\ndeployment_id = \"e2e\"\nregion = \"us-east-1\"\n\
                  endpoint_url = \"{}\"\nforce_path_style = true\n",
                 self.moto.endpoint()
             ),

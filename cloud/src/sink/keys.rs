@@ -1,14 +1,21 @@
 //! Object keys and manifests: deterministic from what the sink read, so a retried or replayed
 //! upload targets the same key (and S3's create-only write turns it into a no-op).
 //!
-//! * Parquet: `<prefix>/<YYYY>/<MM>/<DD>/<family>_<YYYYMMDDTHH>Z_<topic>-<partition>_<first offset>.parquet`
-//! * Manifest of an hour: `<prefix>/<YYYY>/<MM>/<DD>/_manifest_<YYYYMMDDTHH>Z_<topic>-<partition>.json`
+//! * Parquet: `<prefix>/<deployment>/<YYYY>/<MM>/<DD>/<family>_<YYYYMMDDTHH>Z_<topic>-<partition>_<first offset>.parquet`
+//! * Manifest of an hour: `<prefix>/<deployment>/<YYYY>/<MM>/<DD>/_manifest_<YYYYMMDDTHH>Z_<topic>-<partition>.json`
 //! * Manifest of a late bucket: `…/_manifest_<YYYYMMDDTHH>Z_<topic>-<partition>_<first offset>.json`
+//! * The start-up probe of create-only writes: `<prefix>/<deployment>/_edgeflow/create-only-probe`
+//!
+//! `deployment` is `[s3] deployment_id`. The input coordinates (topic, partition, offset) are
+//! only unique within one Kafka cluster: two sites or clusters writing to one bucket prefix
+//! would otherwise compute the same keys, and each would take the other's object for its own
+//! earlier upload (a 412) and skip its own data. The id makes their keys disjoint; every
+//! replica of one deployment shares it, so a rebalance or a replay targets the same key.
 //!
 //! The date and hour are the bucket's event hour (UTC). `first offset` is the input offset of
 //! the bucket's first row: a late bucket of the same hour has a different first offset, hence
-//! its own file. Files starting with `_` are not data, which is the convention batch engines
-//! (Spark, Hive, Athena) use to skip them.
+//! its own file. Files and directories starting with `_` are not data, which is the convention
+//! batch engines (Spark, Hive, Athena) use to skip them; `verify` skips them too.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -20,6 +27,8 @@ use crate::sink::state::{Family, FileInfo, HOUR_MS};
 pub struct KeyScheme {
     /// Empty, or a prefix without leading/trailing slash.
     pub prefix: String,
+    /// `[s3] deployment_id`.
+    pub deployment: String,
     pub topic: String,
     pub partition: i32,
 }
@@ -29,9 +38,20 @@ fn hour_parts(hour_ms: i64) -> (String, String) {
     (t.format("%Y/%m/%d").to_string(), t.format("%Y%m%dT%HZ").to_string())
 }
 
+/// The directory of a deployment's objects: `<prefix>/<deployment>`.
+pub fn deployment_dir(prefix: &str, deployment: &str) -> String {
+    if prefix.is_empty() { deployment.to_owned() } else { format!("{prefix}/{deployment}") }
+}
+
+/// The key of the object the uploader writes at start to check that the store honours
+/// `If-None-Match: *`.
+pub fn probe_key(prefix: &str, deployment: &str) -> String {
+    format!("{}/_edgeflow/create-only-probe", deployment_dir(prefix, deployment))
+}
+
 impl KeyScheme {
     fn dir(&self, date: &str) -> String {
-        if self.prefix.is_empty() { date.to_owned() } else { format!("{}/{date}", self.prefix) }
+        format!("{}/{date}", deployment_dir(&self.prefix, &self.deployment))
     }
 
     /// The key of a bucket's Parquet file.
@@ -139,23 +159,37 @@ mod tests {
 
     #[test]
     fn keys_are_deterministic_and_family_first() {
-        let s = KeyScheme { prefix: "telemetry".into(), topic: "processed-data".into(), partition: 2 };
+        let s = KeyScheme {
+            prefix: "telemetry".into(),
+            deployment: "plant-7".into(),
+            topic: "processed-data".into(),
+            partition: 2,
+        };
         assert_eq!(
             s.data(Family::Filtered, H, 1041),
-            "telemetry/2024/12/26/filtered_20241226T10Z_processed-data-2_1041.parquet"
+            "telemetry/plant-7/2024/12/26/filtered_20241226T10Z_processed-data-2_1041.parquet"
         );
-        assert_eq!(s.manifest(H, None), "telemetry/2024/12/26/_manifest_20241226T10Z_processed-data-2.json");
-        assert_eq!(s.manifest(H, Some(77)), "telemetry/2024/12/26/_manifest_20241226T10Z_processed-data-2_77.json");
-        let root = KeyScheme { prefix: String::new(), ..s };
+        assert_eq!(s.manifest(H, None), "telemetry/plant-7/2024/12/26/_manifest_20241226T10Z_processed-data-2.json");
+        assert_eq!(
+            s.manifest(H, Some(77)),
+            "telemetry/plant-7/2024/12/26/_manifest_20241226T10Z_processed-data-2_77.json"
+        );
+        assert_eq!(probe_key("telemetry", "plant-7"), "telemetry/plant-7/_edgeflow/create-only-probe");
+        let root = KeyScheme { prefix: String::new(), ..s.clone() };
         assert_eq!(
             root.data(Family::Deadletter, H, 0),
-            "2024/12/26/deadletter_20241226T10Z_processed-data-2_0.parquet"
+            "plant-7/2024/12/26/deadletter_20241226T10Z_processed-data-2_0.parquet"
         );
+        assert_eq!(probe_key("", "plant-7"), "plant-7/_edgeflow/create-only-probe");
+        // Another deployment on the same prefix, same input coordinates: no key in common.
+        let other = KeyScheme { deployment: "plant-8".into(), ..s.clone() };
+        assert_ne!(other.data(Family::Filtered, H, 1041), s.data(Family::Filtered, H, 1041));
+        assert_ne!(other.manifest(H, None), s.manifest(H, None));
     }
 
     #[test]
     fn manifest_lists_files_in_key_order() {
-        let s = KeyScheme { prefix: "p".into(), topic: "t".into(), partition: 0 };
+        let s = KeyScheme { prefix: "p".into(), deployment: "d".into(), topic: "t".into(), partition: 0 };
         let f = |key: &str, first| FileInfo {
             object_key: key.into(),
             rows: 3,

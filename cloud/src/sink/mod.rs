@@ -19,8 +19,10 @@
 //!
 //! Restarting anywhere (crash, `kill -9` mid-hour or mid-upload, rebalance) restores the last
 //! committed checkpoint and replays: the same rows reach the same buckets, the same keys are
-//! written, S3 answers 412 for those already there. Duplicates that `process` emitted after its
-//! own crash are dropped by the machine's dedup.
+//! written, S3 answers 412 for those already there — accepted only when the object there is
+//! this deployment's ([`crate::s3`]): another writer's object is a conflict, retried and
+//! alerted, never committed past. Duplicates that `process` emitted after its own crash are
+//! dropped by the machine's dedup.
 //!
 //! **S3 outage**: uploads retry forever (exponential backoff, jitter) without blocking
 //! consumption, until the spool (open files plus files awaiting upload) reaches
@@ -51,7 +53,7 @@ use crate::kafka::{
 };
 use crate::metrics::{Metrics, SinkCounters, Stage, StageLabels};
 use crate::processed::{DecodeError, Processed};
-use crate::s3::S3;
+use crate::s3::{ProbeError, S3};
 use keys::{KeyScheme, Manifest};
 use parquet::{DeadLetterRow, ReadingRow, SpoolError, SpoolFile};
 use state::{
@@ -71,6 +73,13 @@ pub enum SinkError {
     /// Writing a spool file failed (disk full, read-only): the stage stops; a restart replays.
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// The S3 store does not honour `If-None-Match` (the start-up check): create-only writes,
+    /// and with them exactly-once uploads, are impossible against it.
+    #[error(transparent)]
+    Store(#[from] ProbeError),
+    /// The upload task ended (or panicked) while the stage ran.
+    #[error("the upload task stopped unexpectedly: {0}")]
+    UploadTask(String),
 }
 
 /// A partition of one of the sink's inputs.
@@ -208,6 +217,7 @@ impl SinkStage {
             concurrency: settings.sink.upload_concurrency.get(),
             metrics: metrics.clone(),
             health: s3_health,
+            probe_key: keys::probe_key(&settings.s3.prefix, &settings.s3.deployment_id),
         };
         let counters = metrics.sink_counters(&k.processed_topic, &k.dlq_topic);
         Ok(Self {
@@ -240,7 +250,7 @@ impl SinkStage {
         );
         let upload_shutdown = CancellationToken::new();
         let (uploader, jobs_rx, done_tx) = self.uploader.take().expect("run is called once");
-        let upload_task = tokio::spawn(uploader.run(jobs_rx, done_tx, upload_shutdown.clone()));
+        let mut upload_task = Some(tokio::spawn(uploader.run(jobs_rx, done_tx, upload_shutdown.clone())));
         let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
@@ -248,6 +258,15 @@ impl SinkStage {
             let step = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
+                // Supervised: the uploader ends only on a fatal store check, or a panic.
+                ended = async { upload_task.as_mut().expect("present while running").await }, if upload_task.is_some() => {
+                    upload_task = None;
+                    break Err(match ended {
+                        Ok(Err(error)) => SinkError::Store(error),
+                        Ok(Ok(())) => SinkError::UploadTask("it returned while the stage ran".into()),
+                        Err(error) => SinkError::UploadTask(error.to_string()),
+                    });
+                }
                 Some(done) = self.uploaded.recv() => {
                     self.uploaded(done);
                     Ok(())
@@ -277,6 +296,11 @@ impl SinkStage {
                 break Err(error);
             }
         };
+        if let Err(error) = &result
+            && matches!(error, SinkError::Store(_) | SinkError::UploadTask(_))
+        {
+            tracing::error!(%error, "the sink stage stops");
+        }
         self.drain(upload_shutdown, upload_task).await;
         result
     }
@@ -323,6 +347,7 @@ impl SinkStage {
                                 uploading: BTreeMap::new(),
                                 scheme: KeyScheme {
                                     prefix: self.settings.s3.prefix.clone(),
+                                    deployment: self.settings.s3.deployment_id.clone(),
                                     topic: topic.clone(),
                                     partition: *partition,
                                 },
@@ -794,20 +819,26 @@ impl SinkStage {
     }
 
     /// Shutdown: stop reading, give uploads in flight a deadline, checkpoint what moved, leave.
-    async fn drain(mut self, upload_shutdown: CancellationToken, upload_task: tokio::task::JoinHandle<()>) {
+    async fn drain(
+        mut self,
+        upload_shutdown: CancellationToken,
+        upload_task: Option<tokio::task::JoinHandle<Result<(), ProbeError>>>,
+    ) {
         tracing::info!("sink stage draining: finishing uploads in flight and checkpointing");
         self.jobs = None;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        let mut upload_task = upload_task;
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => break,
-                Some(done) = self.uploaded.recv() => self.uploaded(done),
-                _ = &mut upload_task => {
-                    while let Ok(done) = self.uploaded.try_recv() {
-                        self.uploaded(done);
+        // None: the upload task has already ended (the stage stops because of it).
+        if let Some(mut upload_task) = upload_task {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    Some(done) = self.uploaded.recv() => self.uploaded(done),
+                    _ = &mut upload_task => {
+                        while let Ok(done) = self.uploaded.try_recv() {
+                            self.uploaded(done);
+                        }
+                        break;
                     }
-                    break;
                 }
             }
         }

@@ -2,9 +2,18 @@
 //! exponential backoff and full jitter until they succeed or the stage stops.
 //!
 //! A group is reported done only when every file and the manifest exist in S3 (created now, or
-//! found there: HTTP 412). Only then may a checkpoint move past the group's first offset.
-//! While S3 is down nothing is lost: files wait in the spool and the consume loop pauses
-//! consumption once the spool is full, leaving the data in Kafka.
+//! found there — HTTP 412 — *and ours*: written by this deployment, see [`crate::s3`]). Only
+//! then may a checkpoint move past the group's first offset. An object of another writer at
+//! one of the group's keys is an error like any other, retried forever: the group waits,
+//! logged at ERROR and counted (`upload_conflicts_total`, alert
+//! `EdgeflowAggregatorUploadConflict`) until an operator clears the key. While S3 is down
+//! nothing is lost: files wait in the spool and the consume loop pauses consumption once the
+//! spool is full, leaving the data in Kafka.
+//!
+//! Before its first upload the task checks that the store honours `If-None-Match`
+//! ([`S3::check_create_only`]); an unreachable store is retried, jobs waiting meanwhile, and a
+//! store that overwrites ends the task with [`ProbeError::CreateOnlyIgnored`], which stops the
+//! stage. Each file is hashed once per upload (on a blocking thread), not per attempt.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::kafka::now_ms;
 use crate::metrics::{FamilyLabels, Metrics};
-use crate::s3::{S3, S3Error, Written};
+use crate::s3::{ProbeError, S3, S3Error, Written, sha256_file, sha256_hex};
 use crate::sink::state::{Family, FileInfo, SealGroup};
 
 /// One file of a group.
@@ -111,17 +120,23 @@ pub struct Uploader {
     pub concurrency: usize,
     pub metrics: Metrics,
     pub health: Arc<S3Health>,
+    /// The object the start-up check of create-only writes uses ([`crate::sink::keys::probe_key`]).
+    pub probe_key: String,
 }
 
 impl Uploader {
     /// Uploads jobs from `jobs` until the channel closes (then finishes what is running) or
-    /// `shutdown` (then abandons what is running: a replay redoes it).
+    /// `shutdown` (then abandons what is running: a replay redoes it). Checks the store first;
+    /// returns an error only when the store ignores `If-None-Match`.
     pub async fn run(
         self,
         mut jobs: mpsc::Receiver<UploadJob>,
         done: mpsc::UnboundedSender<UploadDone>,
         shutdown: CancellationToken,
-    ) {
+    ) -> Result<(), ProbeError> {
+        if !self.check_store(&shutdown).await? {
+            return Ok(());
+        }
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut running = JoinSet::new();
         loop {
@@ -160,6 +175,39 @@ impl Uploader {
             }
         }
         running.abort_all();
+        Ok(())
+    }
+
+    /// Runs [`S3::check_create_only`] until it answers; `Ok(false)` when cancelled first.
+    async fn check_store(&self, token: &CancellationToken) -> Result<bool, ProbeError> {
+        let mut backoff = Backoff::new();
+        loop {
+            let result = tokio::select! {
+                _ = token.cancelled() => return Ok(false),
+                r = self.s3.check_create_only(&self.probe_key) => r,
+            };
+            match result {
+                Ok(()) => {
+                    self.health.ok();
+                    tracing::info!(key = %self.probe_key, "S3 honours create-only writes (If-None-Match)");
+                    return Ok(true);
+                }
+                Err(ProbeError::S3(error)) => {
+                    self.health.failed();
+                    let delay = backoff.next_delay();
+                    tracing::warn!(%error, retry_in = ?delay, "checking that S3 honours create-only writes failed; retrying (uploads wait)");
+                    tokio::select! {
+                        _ = token.cancelled() => return Ok(false),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(fatal) => {
+                    self.health.failed();
+                    tracing::error!(error = %fatal, "S3 overwrote an existing object; the sink cannot upload exactly once and stops");
+                    return Err(fatal);
+                }
+            }
+        }
     }
 
     /// Uploads a group's files then its manifest; `None` when cancelled.
@@ -168,35 +216,32 @@ impl Uploader {
         let mut bytes = 0;
         for file in &job.files {
             let started = Instant::now();
+            let key = &file.info.object_key;
+            let sha256 = self.retry(token, key, || hash_file(key, file.path.clone())).await?;
             let written = self
-                .retry(token, &file.info.object_key, || {
-                    self.s3.put_file(&file.info.object_key, &file.path, file.bytes, self.multipart_threshold)
-                })
+                .retry(token, key, || self.s3.put_file(key, &file.path, file.bytes, self.multipart_threshold, &sha256))
                 .await?;
             self.metrics.upload_seconds.observe(started.elapsed().as_secs_f64());
             let labels = FamilyLabels { family: file.family.as_str().into() };
             self.metrics.files_uploaded.get_or_create_owned(&labels).inc();
             self.metrics.bytes_uploaded.get_or_create_owned(&labels).inc_by(file.bytes);
-            if written == Written::AlreadyThere {
-                self.metrics.uploads_already_present.inc();
-                tracing::info!(key = %file.info.object_key, "object already in S3 (written before a restart); kept as is");
-            } else {
-                tracing::debug!(key = %file.info.object_key, rows = file.info.rows, bytes = file.bytes, "object uploaded");
+            self.written(key, &sha256, &written);
+            if written == Written::Created {
+                tracing::debug!(%key, rows = file.info.rows, bytes = file.bytes, "object uploaded");
             }
             let _ = tokio::fs::remove_file(&file.path).await;
             bytes += file.bytes;
             infos.push(file.info.clone());
         }
         let manifest = job.manifest.clone();
+        let sha256 = sha256_hex(&manifest);
         let written = self
             .retry(token, &job.manifest_key, || {
-                self.s3.put_bytes(&job.manifest_key, manifest.clone(), "application/json")
+                self.s3.put_bytes(&job.manifest_key, manifest.clone(), "application/json", &sha256)
             })
             .await?;
         self.metrics.manifests_uploaded.inc();
-        if written == Written::AlreadyThere {
-            self.metrics.uploads_already_present.inc();
-        }
+        self.written(&job.manifest_key, &sha256, &written);
         tracing::info!(
             manifest = %job.manifest_key,
             files = infos.len(),
@@ -213,10 +258,31 @@ impl Uploader {
         })
     }
 
-    async fn retry<F, Fut>(&self, token: &CancellationToken, key: &str, mut op: F) -> Option<Written>
+    /// Counts and logs an object found in S3 instead of created.
+    fn written(&self, key: &str, sha256: &str, written: &Written) {
+        match written {
+            Written::Created => {}
+            Written::AlreadyThere => {
+                self.metrics.uploads_already_present.inc();
+                tracing::info!(%key, "object already in S3 (written before a restart); kept as is");
+            }
+            Written::OursReencoded { found_sha256 } => {
+                self.metrics.uploads_already_present.inc();
+                self.metrics.uploads_reencoded.inc();
+                tracing::warn!(
+                    %key,
+                    sha256,
+                    %found_sha256,
+                    "object already in S3, written by this deployment with other bytes (another version encoded the same input differently); kept as is"
+                );
+            }
+        }
+    }
+
+    async fn retry<T, F, Fut>(&self, token: &CancellationToken, key: &str, mut op: F) -> Option<T>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<Written, S3Error>>,
+        Fut: Future<Output = Result<T, S3Error>>,
     {
         let mut backoff = Backoff::new();
         loop {
@@ -233,7 +299,14 @@ impl Uploader {
                     self.health.failed();
                     self.metrics.upload_errors.inc();
                     let delay = backoff.next_delay();
-                    tracing::warn!(%key, %error, retry_in = ?delay, "upload failed; retrying");
+                    if matches!(error, S3Error::Conflict { .. }) {
+                        // Data of this deployment is not in S3 and will not be until an operator
+                        // acts (docs/runbooks.md#edgeflowaggregatoruploadconflict).
+                        self.metrics.upload_conflicts.inc();
+                        tracing::error!(%key, %error, retry_in = ?delay, "upload conflict: the group is not committed past; retrying");
+                    } else {
+                        tracing::warn!(%key, %error, retry_in = ?delay, "upload failed; retrying");
+                    }
                     tokio::select! {
                         _ = token.cancelled() => return None,
                         _ = tokio::time::sleep(delay) => {}
@@ -242,6 +315,15 @@ impl Uploader {
             }
         }
     }
+}
+
+/// Hashes a spool file on a blocking thread.
+async fn hash_file(key: &str, path: PathBuf) -> Result<String, S3Error> {
+    let local = |message: String| S3Error::Local { operation: "hash", key: key.to_owned(), message };
+    tokio::task::spawn_blocking(move || sha256_file(&path))
+        .await
+        .map_err(|e| local(e.to_string()))?
+        .map_err(|e| local(e.to_string()))
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ use tempfile::TempDir;
 
 pub const BUCKET: &str = "edgeflow-test";
 pub const PREFIX: &str = "telemetry";
+/// The `[s3] deployment_id` of the tests' aggregators.
+pub const DEPLOYMENT: &str = "test-site";
 pub const RAW: &str = "raw-data";
 pub const PROCESSED: &str = "processed-data";
 pub const DLQ: &str = "raw-data-dlq";
@@ -132,6 +134,7 @@ impl Env {
                 vec![
                     ("bucket".into(), q(BUCKET)),
                     ("prefix".into(), q(PREFIX)),
+                    ("deployment_id".into(), q(DEPLOYMENT)),
                     ("region".into(), q("us-east-1")),
                     ("endpoint_url".into(), q(&self.s3_endpoint())),
                     ("force_path_style".into(), "true".into()),
@@ -176,9 +179,10 @@ impl Env {
         self.dir.path().join(format!("spool-{name}"))
     }
 
-    /// Every key under the prefix.
+    /// Every key under the prefix but the sink's own start-up probe (`…/_edgeflow/…`): the
+    /// data files and manifests.
     pub async fn keys(&self) -> Result<Vec<String>> {
-        list(&self.s3, PREFIX).await
+        Ok(list(&self.s3, PREFIX).await?.into_iter().filter(|k| !k.contains("/_edgeflow/")).collect())
     }
 
     /// Waits until `done(keys)` holds.
@@ -208,9 +212,30 @@ impl Env {
 
     /// The key of an hour's manifest for processed-data partition `p` (or the DLQ topic).
     pub fn manifest_key(&self, hour_ms: i64, topic: &str, p: i32) -> String {
-        let t = chrono::DateTime::from_timestamp_millis(hour_ms).expect("valid");
-        format!("{PREFIX}/{}/_manifest_{}_{topic}-{p}.json", t.format("%Y/%m/%d"), t.format("%Y%m%dT%HZ"))
+        self.manifest_key_of(DEPLOYMENT, hour_ms, topic, p)
     }
+
+    /// [`Env::manifest_key`] of deployment `deployment`.
+    pub fn manifest_key_of(&self, deployment: &str, hour_ms: i64, topic: &str, p: i32) -> String {
+        let t = chrono::DateTime::from_timestamp_millis(hour_ms).expect("valid");
+        format!("{}/_manifest_{}_{topic}-{p}.json", dir_of(deployment, hour_ms), t.format("%Y%m%dT%HZ"))
+    }
+
+    /// The key of the Parquet file of `family`, hour, input partition and first offset.
+    pub fn data_key(&self, family: &str, hour_ms: i64, topic: &str, p: i32, first_offset: i64) -> String {
+        let t = chrono::DateTime::from_timestamp_millis(hour_ms).expect("valid");
+        format!(
+            "{}/{family}_{}_{topic}-{p}_{first_offset}.parquet",
+            dir_of(DEPLOYMENT, hour_ms),
+            t.format("%Y%m%dT%HZ")
+        )
+    }
+}
+
+/// The directory of an hour's objects.
+fn dir_of(deployment: &str, hour_ms: i64) -> String {
+    let t = chrono::DateTime::from_timestamp_millis(hour_ms).expect("valid");
+    format!("{PREFIX}/{deployment}/{}", t.format("%Y/%m/%d"))
 }
 
 fn q(s: &str) -> String {

@@ -103,7 +103,7 @@ async fn demo(args: Args) -> anyhow::Result<bool> {
         "[kafka]\nbrokers = \"{}\"\ngroup_id = \"demo\"\n\
          [process]\nallowed_lateness = \"5s\"\ncheckpoint_interval = \"2s\"\nidle_timeout = \"{idle}s\"\n\
          [sink]\nspool_dir = \"{}\"\nseal_grace = \"10s\"\nidle_timeout = \"{idle}s\"\ncheckpoint_interval = \"2s\"\n\
-         [s3]\nbucket = \"{BUCKET}\"\nprefix = \"{PREFIX}\"\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\nforce_path_style = true\n\
+         [s3]\nbucket = \"{BUCKET}\"\nprefix = \"{PREFIX}\"\ndeployment_id = \"demo\"\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\nforce_path_style = true\n\
          [metrics]\nlisten = \"127.0.0.1:{aggregator_port}\"\n",
         kafka.bootstrap(),
         dir.join("spool").display(),
