@@ -421,7 +421,10 @@ mod tests {
     fn a_reading_can_be_bound_to_the_device_its_topic_names() {
         let payload = br#"{"device_id": "device123", "timestamp": "2024-12-26T10:00:00Z", "temperature": 72.5, "humidity": 55.2, "status": "OK"}"#;
         let bound = Rules { device_topic_level: Some(1), ..rules() };
-        assert!(matches!(classify("devices/device123/telemetry", payload, false, NOW, "n", &bound), Append::Record { .. }));
+        assert!(matches!(
+            classify("devices/device123/telemetry", payload, false, NOW, "n", &bound),
+            Append::Record { .. }
+        ));
         for topic in ["devices/device999/telemetry", "devices", "device123/x"] {
             let Append::DeadLetter { draft, .. } = classify(topic, payload, false, NOW, "n", &bound) else {
                 panic!("{topic}: expected a dead letter")
@@ -429,7 +432,10 @@ mod tests {
             assert_eq!(draft.reason, "device_topic_mismatch", "{topic}");
         }
         // Unset, the topic is not checked.
-        assert!(matches!(classify("devices/other/telemetry", payload, false, NOW, "n", &rules()), Append::Record { .. }));
+        assert!(matches!(
+            classify("devices/other/telemetry", payload, false, NOW, "n", &rules()),
+            Append::Record { .. }
+        ));
     }
 
     /// The largest dead letter any payload and topic can make, with `records.max_payload_bytes`

@@ -442,6 +442,11 @@ pub async fn verify_with(s3: &S3, prefix: &str, expect: &Expectations) -> Result
             c.manifest();
             continue;
         }
+        // Files and folders starting with `_` are not data (the convention engines follow too):
+        // the sink's `_edgeflow/` probe, manifests.
+        if key.strip_prefix(&list_prefix).unwrap_or(&key).split('/').any(|part| part.starts_with('_')) {
+            continue;
+        }
         let Some(family) = family_of(&key) else { continue };
         let bytes = s3.get(&key).await?;
         c.object(&key, family, bytes);
