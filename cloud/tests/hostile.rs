@@ -281,6 +281,99 @@ async fn an_unreadable_checkpoint_halts_its_partition_and_commits_nothing() -> R
     Ok(())
 }
 
+/// Every tenth value on raw-data is hostile, in every way above, across two partitions: every
+/// valid record is in S3 exactly once, every hostile value is a dead letter with its reason,
+/// the aggregates match the readings, and `verify` agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_traffic_at_ten_percent_changes_nothing_else() -> Result<()> {
+    init_logging();
+    let env = Env::start(2).await?;
+    let agg = Running::start(env.settings("a", &[])?, Stages::Both);
+    let p = producer(&env.bootstrap())?;
+    let per_node = 270u64;
+    let mut records: Vec<(i32, &str, Vec<u8>, i64)> = Vec::new();
+    let mut expected_reasons: std::collections::BTreeMap<&str, usize> = Default::default();
+    let mut forger_seq = 0u64;
+    let mut rng = fastrand::Rng::with_seed(10);
+    for i in 0..per_node {
+        // 20 minutes of readings, two devices per partition, from nodes n0 and n1.
+        let t = H10 + (i as i64 * 20 * MIN) / per_node as i64;
+        for (part, node) in [(0, "n0"), (1, "n1")] {
+            let device = if rng.bool() { format!("{node}-a") } else { format!("{node}-b") };
+            let dev: &'static str = Box::leak(device.into_boxed_str());
+            let temperature = 15.0 + rng.f64() * 10.0;
+            records.push((part, dev, raw(dev, t, temperature, 50.0, "OK", node, i + 1), t));
+            if i % 10 != 9 {
+                continue;
+            }
+            let (value, reason): (Vec<u8>, &str) = match (i / 10 + part as u64) % 7 {
+                0 => (raw(dev, t, 20.0, 50.0, "OK", node, u64::MAX - i), "seq_out_of_range"),
+                1 => (
+                    format!(
+                        r#"{{"device_id":"{dev}","timestamp":"{}","node_id":"{node}","seq":{}}}"#,
+                        rfc3339(t),
+                        1u64 << 62
+                    )
+                    .into_bytes(),
+                    "missing_field",
+                ),
+                2 => {
+                    forger_seq += 1;
+                    (raw(dev, t + 365 * 24 * HOUR, 20.0, 50.0, "OK", "forger", forger_seq), "timestamp_out_of_range")
+                }
+                3 => {
+                    forger_seq += 1;
+                    let v = format!(
+                        r#"{{"device_id":"{dev}","timestamp":"{}","temperature":1,"humidity":-1.6e308,"status":"OK","node_id":"forger","seq":{forger_seq}}}"#,
+                        rfc3339(t)
+                    );
+                    (v.into_bytes(), "number_out_of_range")
+                }
+                4 => (vec![b'{'; 20_000 + i as usize], "oversized"),
+                5 => (b"\xff\xfe".to_vec(), "not_utf8"),
+                _ => (b"{\"device_id\":".to_vec(), "bad_json"),
+            };
+            *expected_reasons.entry(reason).or_default() += 1;
+            records.push((part, dev, value, t));
+        }
+    }
+    produce_at(&p, RAW, &records).await?;
+    for (part, node) in [(0, "n0"), (1, "n1")] {
+        produce_at(
+            &p,
+            RAW,
+            &[
+                (part, node, raw(node, at(60, 30), 22.0, 40.0, "OK", node, per_node + 1), at(60, 30)),
+                (part, node, raw(node, at(62, 0), 22.0, 40.0, "OK", node, per_node + 2), at(62, 0)),
+            ],
+        )
+        .await?;
+    }
+    let manifests = [env.manifest_key(H10, PROCESSED, 0), env.manifest_key(H10, PROCESSED, 1)];
+    let keys = env
+        .wait_for_keys(Duration::from_secs(90), "hour 10 manifests", |k| manifests.iter().all(|m| k.contains(m)))
+        .await?;
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+    for part in ["processed-data-0", "processed-data-1"] {
+        let f = env.parquet(&key_of(&keys, "filtered", part)).await?;
+        let mut seqs = ints(&f, "Seq");
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=per_node as i64).collect::<Vec<_>>(), "{part}: every valid record once");
+        let d = env.parquet(&key_of(&keys, "deadletter", part)).await?;
+        for r in strings(&d, "Reason").into_iter().flatten() {
+            *reasons.entry(r).or_default() += 1;
+        }
+    }
+    let want: std::collections::BTreeMap<String, usize> =
+        expected_reasons.iter().map(|(r, n)| ((*r).to_owned(), *n)).collect();
+    assert_eq!(reasons, want, "every hostile value is a dead letter with its reason");
+    let report = verify(&env).await?;
+    assert!(report.ok, "{}", report.render());
+    assert_eq!(report.totals.records, 2 * per_node + forger_seq);
+    assert!(report.aggregates.windows_checked >= 40, "{}", report.render());
+    agg.stop().await
+}
+
 fn group_consumer(bootstrap: &str, group: &str) -> Result<BaseConsumer> {
     Ok(rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
