@@ -31,6 +31,12 @@ async fn seal_hour_10(p: &rdkafka::producer::FutureProducer, seq: u64) -> Result
     .await
 }
 
+/// Waits for hour 10's manifest of processed-data partition 0; every key then.
+async fn hour_10_sealed(env: &Env) -> Result<Vec<String>> {
+    let manifest = env.manifest_key(H10, PROCESSED, 0);
+    env.wait_for_keys(Duration::from_secs(60), "hour 10 manifest", |k| k.contains(&manifest)).await
+}
+
 async fn verify(env: &Env) -> Result<edgeflow_aggregator::verify::Report> {
     let s3 = edgeflow_aggregator::s3::S3::new(&env.settings("v", &[])?.s3).await;
     Ok(edgeflow_aggregator::verify::verify(&s3, PREFIX).await?)
@@ -62,8 +68,7 @@ async fn a_forged_record_does_not_hide_the_nodes_later_records() -> Result<()> {
     )
     .await?;
     seal_hour_10(&p, 4).await?;
-    let manifest = env.manifest_key(H10, PROCESSED, 0);
-    let keys = env.wait_for_keys(Duration::from_secs(60), "hour 10 manifest", |k| k.contains(&manifest)).await?;
+    let keys = hour_10_sealed(&env).await?;
 
     let f = env.parquet(&key_of(&keys, "filtered", "processed-data-0")).await?;
     assert_eq!(ints(&f, "Seq"), vec![1, 2, 3], "n0's records after the forged ones are all there");
@@ -117,8 +122,7 @@ async fn huge_numbers_are_dead_letters_and_state_survives_a_restart() -> Result<
     // The second run resumes from that checkpoint; the minute closes with what it held.
     let agg = Running::start(env.settings("a", &[])?, Stages::Both);
     seal_hour_10(&p, 6).await?;
-    let manifest = env.manifest_key(H10, PROCESSED, 0);
-    let keys = env.wait_for_keys(Duration::from_secs(60), "hour 10 manifest", |k| k.contains(&manifest)).await?;
+    let keys = hour_10_sealed(&env).await?;
     let a = env.parquet(&key_of(&keys, "aggregated", "processed-data-0")).await?;
     assert_eq!(strings(&a, "DeviceId"), vec![None, Some("d0".into())]);
     assert_eq!(ints(&a, "Count"), vec![3, 3], "the open minute survived the restart");
@@ -153,8 +157,7 @@ async fn a_value_near_the_message_limit_is_dead_lettered_and_the_stream_flows() 
     )
     .await?;
     seal_hour_10(&p, 3).await?;
-    let manifest = env.manifest_key(H10, PROCESSED, 0);
-    let keys = env.wait_for_keys(Duration::from_secs(60), "hour 10 manifest", |k| k.contains(&manifest)).await?;
+    let keys = hour_10_sealed(&env).await?;
     let f = env.parquet(&key_of(&keys, "filtered", "processed-data-0")).await?;
     assert_eq!(ints(&f, "Seq"), vec![1, 2]);
     let d = env.parquet(&key_of(&keys, "deadletter", "processed-data-0")).await?;
@@ -200,8 +203,7 @@ async fn far_future_times_do_not_move_the_clocks() -> Result<()> {
     .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
     produce_at(&p, RAW, &[(0, "d0", raw("d0", at(0, 30), 21.0, 40.0, "OK", "n0", 3), at(0, 30))]).await?;
     seal_hour_10(&p, 4).await?;
-    let manifest = env.manifest_key(H10, PROCESSED, 0);
-    let keys = env.wait_for_keys(Duration::from_secs(60), "hour 10 manifest", |k| k.contains(&manifest)).await?;
+    let keys = hour_10_sealed(&env).await?;
     let a = env.parquet(&key_of(&keys, "aggregated", "processed-data-0")).await?;
     assert_eq!(ints(&a, "Count"), vec![2, 2], "minute 10:00 holds seq 1 and 3");
     assert_eq!(bools(&a, "Late"), vec![false, false], "no reading became a late correction");
