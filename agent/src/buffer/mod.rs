@@ -48,6 +48,14 @@
 //!   ([`backend`]), so a page inside it never hits ENOSPC. The reserve is written again, and the
 //!   guard lifted, once the filesystem has room.
 //!
+//! * **High-water markers.** Every `high_water_interval` (idle or not: a marker's age is how
+//!   `verify` notices a stopped node) and on [`Command::HighWater`] (a clean stop, once ingest
+//!   has stopped), the thread queues an [`Append::HighWater`] behind the waiting appends. It takes
+//!   the next `seq` of its commit, so every `seq` below it was assigned before it, and goes to
+//!   `raw-data-dlq` in order like any dead letter. At most one waits at a time, so a blocked or
+//!   failing buffer does not pile them up; at a stop, none is written if nothing was assigned
+//!   since the last one.
+//!
 //! See [`store`] for the table layout and [`entry`] for the bytes of one entry.
 
 pub mod backend;

@@ -5,7 +5,7 @@
 //! | table     | key       | value                              | purpose |
 //! |-----------|-----------|------------------------------------|---------|
 //! | `records` | `seq`     | entry bytes (see [`super::entry`]) | what is waiting for Kafka, in `seq` order |
-//! | `recent`  | `seq`     | `(natural_hash, payload_hash)`     | the dedup horizon, oldest first |
+//! | `recent`  | `seq`     | `(natural_hash, payload_hash)`     | the dedup horizon, oldest first (no `high_water` markers) |
 //! | `meta`    | name      | bytes                              | `format`, `next_seq`, `count`, `bytes`, `node_id`, `created_ms` |
 //!
 //! One [`Store::apply`] is one write transaction with durable commit: deletions of delivered
