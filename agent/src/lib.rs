@@ -221,7 +221,7 @@ pub async fn run_with(
                     let _ = flush_through.set(seq);
                 }
                 _ => tracing::warn!(
-                    "no high_water marker at this stop (the buffer is full or failing); the last one stands"
+                    "the high_water marker of this stop was not committed within 2s (the buffer is full or failing); it goes out later if it is written"
                 ),
             }
         }
@@ -252,6 +252,7 @@ pub async fn run_with(
             Ok(())
         }
     };
+    forward_stop.cancel();
     background.cancel();
     let stats = shared.stats();
     tracing::info!(entries = stats.count, next_seq = stats.next_seq, "edgeflow-agent stopped");
