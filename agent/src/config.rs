@@ -165,6 +165,13 @@ pub struct BufferConfig {
     /// redb page cache.
     #[serde(default = "default_cache_size")]
     pub cache_size: ByteSize,
+    /// How often to write a durable `high_water` marker into the buffer (forwarded to
+    /// raw-data-dlq like every dead letter): "complete through seq N at T" for `verify`. Written
+    /// even when idle, since a marker's age is how `verify --max-marker-age` notices a node that
+    /// stopped; one small entry per interval. A marker is also written at every clean stop.
+    /// `0` writes them only at a clean stop; otherwise 1s to 1d.
+    #[serde(default = "default_high_water_interval")]
+    pub high_water_interval: Duration,
 }
 
 impl Default for BufferConfig {
@@ -280,6 +287,9 @@ fn default_cache_size() -> ByteSize {
 fn default_max_payload_bytes() -> ByteSize {
     ByteSize::kib(16)
 }
+fn default_high_water_interval() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_max_past() -> Duration {
     Duration::from_secs(7 * 86_400)
 }
@@ -384,6 +394,8 @@ pub struct BufferSettings {
     pub dedup_horizon: u64,
     pub max_batch: usize,
     pub cache_bytes: usize,
+    /// `None`: markers only at a clean stop.
+    pub high_water_interval: Option<StdDuration>,
 }
 
 /// Validated status endpoint settings.
@@ -725,12 +737,20 @@ impl Config {
         if b.cache_size.bytes() < 1024 * 1024 {
             return Err(Invalid::new("buffer.cache_size", "must be at least 1MiB"));
         }
+        let every = b.high_water_interval.get();
+        if !every.is_zero() && !(StdDuration::from_secs(1)..=StdDuration::from_secs(86_400)).contains(&every) {
+            return Err(Invalid::new(
+                "buffer.high_water_interval",
+                "must be 0 (markers only at a clean stop) or 1s to 1d: more often floods raw-data-dlq, less often leaves verify's tail proof a day behind",
+            ));
+        }
         Ok(BufferSettings {
             max_bytes: b.max_bytes.bytes(),
             when_full: b.when_full,
             dedup_horizon,
             max_batch: b.max_batch as usize,
             cache_bytes: b.cache_size.bytes() as usize,
+            high_water_interval: (!every.is_zero()).then_some(every),
         })
     }
 }
@@ -816,9 +836,17 @@ mod tests {
         assert_eq!(s.kafka.topic, "raw-data");
         assert_eq!(s.buffer.when_full, WhenFull::Block);
         assert_eq!(s.buffer.max_bytes, 1 << 30);
+        assert_eq!(s.buffer.high_water_interval, Some(StdDuration::from_secs(60)));
         // The file documents the defaults: a config with only the required keys is the same.
         let minimal = parse("node_id = \"pve-node-1\"\n[kafka]\nbrokers = \"127.0.0.1:9092\"").expect("parses");
         assert_eq!(format!("{:?}", minimal.validate().expect("valid")), format!("{s:?}"));
+    }
+
+    #[test]
+    fn a_zero_high_water_interval_writes_markers_only_at_a_clean_stop() {
+        let text = "node_id = \"n\"\n[kafka]\nbrokers = \"k:9092\"\n[buffer]\nhigh_water_interval = \"0\"\n";
+        let s = parse(text).expect("parses").validate().expect("valid");
+        assert_eq!(s.buffer.high_water_interval, None);
     }
 
     #[test]
@@ -831,6 +859,8 @@ mod tests {
             (format!("{base}[mqtt]\nreceive_maximum = 70000"), "mqtt.receive_maximum"),
             (format!("{base}[buffer]\nmax_bytes = \"10KiB\""), "buffer.max_bytes"),
             (format!("{base}[buffer]\ndedup_horizon = 10"), "buffer.dedup_horizon"),
+            (format!("{base}[buffer]\nhigh_water_interval = \"500ms\""), "buffer.high_water_interval"),
+            (format!("{base}[buffer]\nhigh_water_interval = \"2d\""), "buffer.high_water_interval"),
             (format!("{base}[metrics]\nlisten = \"nowhere\""), "metrics.listen"),
             (
                 format!("{base}[kafka.properties]\n\"enable.idempotence\" = \"false\""),

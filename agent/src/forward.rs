@@ -170,6 +170,10 @@ pub struct Forward {
     pub tail: flume::Receiver<crate::buffer::Tail>,
     pub metrics: Metrics,
     pub status: Arc<KafkaStatus>,
+    /// Set at a clean stop to the `seq` of the `high_water` marker written once ingest stopped:
+    /// after shutdown, the forwarder keeps sending until it is past it (while Kafka is
+    /// connected, within the drain timeout), so the marker goes out with the final flush.
+    pub flush_through: Arc<std::sync::OnceLock<u64>>,
 }
 
 /// Builds the producer up front so a bad librdkafka property fails start-up, not later.
@@ -219,8 +223,16 @@ pub async fn run(fwd: Forward, shutdown: CancellationToken, drain_timeout: Durat
             }
         }
 
-        // 2. Shutdown: stop reading, wait for what is in flight.
+        // 2. Shutdown: stop reading (once past the final marker), wait for what is in flight.
+        let mut flushing = false;
         if shutdown.is_cancelled() {
+            let deadline = *stop_at.get_or_insert_with(|| Instant::now() + drain_timeout);
+            flushing = !failed
+                && Instant::now() < deadline
+                && fwd.status.connected.load(Ordering::Relaxed)
+                && fwd.flush_through.get().is_some_and(|&seq| cursor <= seq);
+        }
+        if shutdown.is_cancelled() && !flushing {
             let deadline = *stop_at.get_or_insert_with(|| Instant::now() + drain_timeout);
             if in_flight == 0 || Instant::now() >= deadline {
                 if in_flight > 0 {
@@ -351,7 +363,7 @@ pub async fn run(fwd: Forward, shutdown: CancellationToken, drain_timeout: Durat
                     tail.push_back(batch);
                 },
                 _ = fwd.shared.committed.notified(), if in_flight < max_in_flight && tail.is_empty() => {}
-                _ = shutdown.cancelled() => {}
+                _ = shutdown.cancelled(), if !flushing => {}
                 // Entries dropped or re-read after an error; also a periodic safety net.
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }

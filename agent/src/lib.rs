@@ -121,7 +121,10 @@ pub async fn run_with(
     let (tail_tx, tail_rx) = flume::bounded(buffer::TAIL_CAPACITY);
     let (buffer_tx, buffer_thread) = buffer::spawn(
         store,
-        ThreadOptions { max_batch: settings.buffer.max_batch },
+        ThreadOptions {
+            max_batch: settings.buffer.max_batch,
+            high_water_interval: settings.buffer.high_water_interval,
+        },
         metrics.clone(),
         shared.clone(),
         tail_tx,
@@ -131,7 +134,11 @@ pub async fn run_with(
 
     let ingest_status = Arc::new(ingest::IngestStatus::default());
     let kafka_status = Arc::new(forward::KafkaStatus::default());
+    // Ingest stops first; the forwarder after the final high_water marker is committed.
     let stages = CancellationToken::new();
+    let forward_stop = CancellationToken::new();
+    let flush_through = Arc::new(std::sync::OnceLock::new());
+    let marker_tx = buffer_tx.clone();
     let background = CancellationToken::new();
 
     let ingest_task = tokio::spawn(ingest::run(
@@ -156,8 +163,9 @@ pub async fn run_with(
             tail: tail_rx,
             metrics: metrics.clone(),
             status: kafka_status.clone(),
+            flush_through: flush_through.clone(),
         },
-        stages.clone(),
+        forward_stop.clone(),
         settings.shutdown_timeout,
     ));
     tokio::spawn(saturation::run(metrics.clone(), settings.metrics.saturation_interval, background.clone()));
@@ -203,6 +211,22 @@ pub async fn run_with(
     let deadline = settings.shutdown_timeout + Duration::from_secs(2);
     let stop = async {
         let _ = ingest_task.await;
+        // Nothing more is assigned: a marker above every seq of this run, committed before the
+        // forwarder's final flush so it goes out now if Kafka is up (else at the next start).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if marker_tx.send_async(buffer::Command::HighWater(tx)).await.is_ok() {
+            match tokio::time::timeout(Duration::from_secs(2), rx).await {
+                Ok(Ok(seq)) => {
+                    tracing::info!(seq, "high_water marker written: complete through seq {}", seq.saturating_sub(1));
+                    let _ = flush_through.set(seq);
+                }
+                _ => tracing::warn!(
+                    "the high_water marker of this stop was not committed within 2s (the buffer is full or failing); it goes out later if it is written"
+                ),
+            }
+        }
+        drop(marker_tx);
+        forward_stop.cancel();
         let forwarded = match early {
             Some(r) => r,
             None => forward_task.await,
@@ -228,6 +252,7 @@ pub async fn run_with(
             Ok(())
         }
     };
+    forward_stop.cancel();
     background.cancel();
     let stats = shared.stats();
     tracing::info!(entries = stats.count, next_seq = stats.next_seq, "edgeflow-agent stopped");

@@ -4,7 +4,7 @@
 //! `edgeflow_node_`); counters gain `_total` on exposition. They cover the agent's four golden
 //! signals:
 //!
-//! * traffic: messages received, records committed and forwarded;
+//! * traffic: messages received, records committed and forwarded, `high_water` markers written;
 //! * errors: payloads rejected (by reason), redeliveries recognised, records dropped, Kafka and
 //!   buffer errors;
 //! * latency: buffer commit time, Kafka delivery time, MQTT receipt → Kafka acknowledgement;
@@ -61,6 +61,7 @@ pub struct Metrics {
     pub mqtt_messages_received: Counter,
     pub records_committed: Counter,
     pub records_forwarded: Family<KindLabel, Counter>,
+    pub high_water_markers: Counter,
     // Errors.
     pub records_rejected: Family<ReasonLabel, Counter>,
     pub records_duplicate: Counter,
@@ -124,6 +125,7 @@ impl Metrics {
             mqtt_messages_received: Counter::default(),
             records_committed: Counter::default(),
             records_forwarded: Family::default(),
+            high_water_markers: Counter::default(),
             records_rejected: Family::default(),
             records_duplicate: Counter::default(),
             records_dropped: Counter::default(),
@@ -186,6 +188,11 @@ impl Metrics {
             "records_rejected",
             "Payloads refused by validation and kept as dead letters, by reason",
             m.records_rejected.clone(),
+        );
+        agent.register(
+            "high_water_markers",
+            "high_water markers committed to the buffer (on schedule, buffer.high_water_interval, and at a clean stop), for raw-data-dlq",
+            m.high_water_markers.clone(),
         );
         agent.register(
             "records_duplicate",

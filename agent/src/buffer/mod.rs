@@ -48,6 +48,14 @@
 //!   ([`backend`]), so a page inside it never hits ENOSPC. The reserve is written again, and the
 //!   guard lifted, once the filesystem has room.
 //!
+//! * **High-water markers.** Every `high_water_interval` (idle or not: a marker's age is how
+//!   `verify` notices a stopped node) and on [`Command::HighWater`] (a clean stop, once ingest
+//!   has stopped), the thread queues an [`Append::HighWater`] behind the waiting appends. It takes
+//!   the next `seq` of its commit, so every `seq` below it was assigned before it, and goes to
+//!   `raw-data-dlq` in order like any dead letter. At most one waits at a time, so a blocked or
+//!   failing buffer does not pile them up; at a stop, none is written if nothing was assigned
+//!   since the last one.
+//!
 //! See [`store`] for the table layout and [`entry`] for the bytes of one entry.
 
 pub mod backend;
@@ -76,6 +84,9 @@ pub enum Command<T> {
     Read { from: u64, max_records: usize, max_bytes: usize, reply: tokio::sync::oneshot::Sender<ReadResult> },
     /// Reply once everything sent before it is committed.
     Barrier(tokio::sync::oneshot::Sender<()>),
+    /// Write a `high_water` marker (at a clean stop, once ingest has stopped) unless nothing was
+    /// assigned since the last one; reply with the newest marker's `seq` once it is committed.
+    HighWater(tokio::sync::oneshot::Sender<u64>),
 }
 
 /// Entries read from the buffer: `(seq, entry bytes)`.
@@ -153,6 +164,27 @@ impl Shared {
 pub struct ThreadOptions {
     /// Most appends per group commit.
     pub max_batch: usize,
+    /// How often to write a `high_water` marker (`None`: only when asked, at a clean stop).
+    pub high_water_interval: Option<Duration>,
+}
+
+/// What a waiting append answers to once committed.
+enum Waiter<T> {
+    /// An MQTT message: its ack token goes to `on_commit`.
+    Ack(T),
+    /// A `high_water` marker: nobody to acknowledge.
+    Marker,
+}
+
+/// The `high_water` markers of this run.
+#[derive(Default)]
+struct HighWater {
+    /// The newest marker committed by this thread.
+    last: Option<u64>,
+    /// A marker is waiting for its commit (so another is not queued behind it).
+    waiting: bool,
+    /// Asked for a marker (at a clean stop): answered with the `seq` of the next one committed.
+    replies: Vec<tokio::sync::oneshot::Sender<u64>>,
 }
 
 /// Starts the buffer thread over an opened store. It runs until every sender of the returned
@@ -196,29 +228,45 @@ where
     F: FnMut(Vec<(T, Outcome)>),
 {
     fn run(mut self) {
-        let mut waiting: VecDeque<(Append, T)> = VecDeque::new();
+        let mut waiting: VecDeque<(Append, Waiter<T>)> = VecDeque::new();
         let mut deletes: Vec<u64> = Vec::new();
         let mut reads = Vec::new();
         let mut barriers = Vec::new();
         let mut disconnected = false;
         // After a failed commit: when to try again, and the current backoff.
         let mut retry: Option<(Instant, Duration)> = None;
+        let mut high_water = HighWater::default();
+        let mut next_marker = self.opts.high_water_interval.map(|every| Instant::now() + every);
         self.publish_stats();
         self.shared.writable.store(true, Ordering::Relaxed);
         loop {
             self.shared.beat();
             let now = Instant::now();
+            // On schedule even when idle: a marker's age is how `verify` notices a node that
+            // stopped. One waiting marker at a time (the buffer may be blocked or failing).
+            if let (Some(at), Some(every)) = (next_marker, self.opts.high_water_interval)
+                && now >= at
+            {
+                if !high_water.waiting {
+                    high_water.waiting = true;
+                    waiting.push_back((Append::HighWater { received_ms: now_ms() }, Waiter::Marker));
+                }
+                next_marker = Some(now + every);
+            }
             let retry_due = retry.is_none_or(|(at, _)| now >= at);
             // Wait for work unless some is pending and can make progress.
             let can_progress = retry_due
                 && (!deletes.is_empty() || (!waiting.is_empty() && !self.shared.blocked.load(Ordering::Relaxed)));
             if !can_progress && !disconnected {
-                let wait = match retry {
+                let mut wait = match retry {
                     Some((at, _)) if at > now => (at - now).min(Duration::from_millis(250)),
                     _ => Duration::from_millis(250),
                 };
+                if let Some(at) = next_marker {
+                    wait = wait.min(at.saturating_duration_since(now));
+                }
                 match self.rx.recv_timeout(wait) {
-                    Ok(cmd) => Self::take(cmd, &mut waiting, &mut deletes, &mut reads, &mut barriers),
+                    Ok(cmd) => self.take(cmd, &mut waiting, &mut deletes, &mut reads, &mut barriers, &mut high_water),
                     Err(flume::RecvTimeoutError::Timeout) => {
                         // Retry a blocked or failed group now and then.
                         if waiting.is_empty() && deletes.is_empty() {
@@ -230,7 +278,7 @@ where
             }
             while waiting.len() < self.opts.max_batch {
                 match self.rx.try_recv() {
-                    Ok(cmd) => Self::take(cmd, &mut waiting, &mut deletes, &mut reads, &mut barriers),
+                    Ok(cmd) => self.take(cmd, &mut waiting, &mut deletes, &mut reads, &mut barriers, &mut high_water),
                     Err(flume::TryRecvError::Empty) => break,
                     Err(flume::TryRecvError::Disconnected) => {
                         disconnected = true;
@@ -250,7 +298,7 @@ where
                 let _ = reply.send(result);
             }
             if retry_due && (!waiting.is_empty() || !deletes.is_empty()) {
-                match self.commit(&mut waiting, &mut deletes, retry.is_some()) {
+                match self.commit(&mut waiting, &mut deletes, retry.is_some(), &mut high_water) {
                     Ok(()) => {
                         if retry.take().is_some() {
                             tracing::info!("buffer writable again");
@@ -304,17 +352,32 @@ where
 
     #[allow(clippy::type_complexity)]
     fn take(
+        &self,
         cmd: Command<T>,
-        waiting: &mut VecDeque<(Append, T)>,
+        waiting: &mut VecDeque<(Append, Waiter<T>)>,
         deletes: &mut Vec<u64>,
         reads: &mut Vec<(u64, usize, usize, tokio::sync::oneshot::Sender<ReadResult>)>,
         barriers: &mut Vec<tokio::sync::oneshot::Sender<()>>,
+        high_water: &mut HighWater,
     ) {
         match cmd {
-            Command::Append(a, t) => waiting.push_back((a, t)),
+            Command::Append(a, t) => waiting.push_back((a, Waiter::Ack(t))),
             Command::Delivered(mut seqs) => deletes.append(&mut seqs),
             Command::Read { from, max_records, max_bytes, reply } => reads.push((from, max_records, max_bytes, reply)),
             Command::Barrier(reply) => barriers.push(reply),
+            Command::HighWater(reply) => match high_water.last {
+                // Nothing assigned since the newest marker: it still tells the whole story.
+                Some(seq) if !high_water.waiting && self.store.stats().next_seq == seq + 1 => {
+                    let _ = reply.send(seq);
+                }
+                _ => {
+                    high_water.replies.push(reply);
+                    if !high_water.waiting {
+                        high_water.waiting = true;
+                        waiting.push_back((Append::HighWater { received_ms: now_ms() }, Waiter::Marker));
+                    }
+                }
+            },
         }
     }
 
@@ -322,9 +385,10 @@ where
     /// and everything stays pending, in order, for the next attempt.
     fn commit(
         &mut self,
-        waiting: &mut VecDeque<(Append, T)>,
+        waiting: &mut VecDeque<(Append, Waiter<T>)>,
         deletes: &mut Vec<u64>,
         retrying: bool,
+        high_water: &mut HighWater,
     ) -> Result<(), StoreError> {
         if self.store.needs_reopen() {
             self.store.reopen(now_ms())?;
@@ -341,7 +405,14 @@ where
             }
         }
         let take = waiting.len().min(self.opts.max_batch);
-        let (mut appends, mut tokens): (Vec<Append>, VecDeque<T>) = waiting.drain(..take).unzip();
+        let (mut appends, mut tokens): (Vec<Append>, VecDeque<Waiter<T>>) = waiting.drain(..take).unzip();
+        for a in &mut appends {
+            if let Append::HighWater { received_ms } = a {
+                // A marker tells when its `seq` was assigned, however long it waited (a full
+                // buffer, a failing disk).
+                *received_ms = now_ms();
+            }
+        }
         if retrying {
             // A failed group may have reached the disk after all: check every append against the
             // horizon so nothing is stored twice.
@@ -377,11 +448,24 @@ where
                     deferred_from = Some(i);
                     break;
                 }
-                Outcome::Stored { .. } => records += u64::from(matches!(appends[i], Append::Record { .. })),
+                Outcome::Stored { seq } => match appends[i] {
+                    Append::Record { .. } => records += 1,
+                    Append::HighWater { .. } => {
+                        self.metrics.high_water_markers.inc();
+                        high_water.last = Some(*seq);
+                        high_water.waiting = false;
+                        for reply in high_water.replies.drain(..) {
+                            let _ = reply.send(*seq);
+                        }
+                    }
+                    Append::DeadLetter { .. } => {}
+                },
                 Outcome::Duplicate { .. } => duplicates += 1,
             }
-            let token = tokens.pop_front().expect("one token per append");
-            acks.push((token, *outcome));
+            match tokens.pop_front().expect("one token per append") {
+                Waiter::Ack(token) => acks.push((token, *outcome)),
+                Waiter::Marker => {}
+            }
         }
         let blocked = deferred_from.is_some();
         if let Some(i) = deferred_from {
@@ -405,7 +489,7 @@ where
         self.metrics.records_dropped.inc_by(applied.dropped);
         self.metrics.records_duplicate.inc_by(duplicates);
         self.publish_stats();
-        let stored_any = acks.iter().any(|(_, o)| matches!(o, Outcome::Stored { .. }));
+        let stored_any = applied.outcomes.iter().any(|o| matches!(o, Outcome::Stored { .. }));
         if !acks.is_empty() {
             (self.on_commit)(acks);
         }
@@ -441,4 +525,102 @@ pub fn now_ms() -> i64 {
 /// Where the buffer file lives in a data directory.
 pub fn path_in(data_dir: &std::path::Path) -> PathBuf {
     data_dir.join("buffer.redb")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeflow_contract::{DeadLetter, MarkerKind};
+
+    fn start(
+        dir: &std::path::Path,
+        interval: Option<Duration>,
+    ) -> (flume::Sender<Command<u32>>, std::thread::JoinHandle<()>, Arc<Shared>, Metrics) {
+        let opts =
+            StoreOptions { max_bytes: 1 << 20, when_full: WhenFull::Block, dedup_horizon: 16, cache_bytes: 1 << 20 };
+        let (store, _) = Store::open(&path_in(dir), "n1", opts, now_ms()).expect("opens");
+        let metrics = Metrics::register(&mut prometheus_client::registry::Registry::default());
+        let shared = Arc::new(Shared::default());
+        let (tail, _) = flume::bounded(TAIL_CAPACITY);
+        let (tx, handle) = spawn(
+            store,
+            ThreadOptions { max_batch: 64, high_water_interval: interval },
+            metrics.clone(),
+            shared.clone(),
+            tail,
+            |_acks: Vec<(u32, Outcome)>| {},
+        )
+        .expect("spawns");
+        (tx, handle, shared, metrics)
+    }
+
+    fn markers(dir: &std::path::Path) -> Vec<(u64, String)> {
+        let store = Store::open_existing(
+            &path_in(dir),
+            StoreOptions { max_bytes: u64::MAX, when_full: WhenFull::Block, dedup_horizon: 16, cache_bytes: 1 << 20 },
+        )
+        .expect("opens");
+        store
+            .read(0, 1000, usize::MAX)
+            .expect("read")
+            .iter()
+            .filter_map(|(seq, bytes)| {
+                let e = entry::decode(bytes).expect("entry");
+                let dl = DeadLetter::parse(e.value).ok()?;
+                assert_eq!(dl.seq, *seq);
+                (dl.marker() == Some(MarkerKind::HighWater)).then(|| (*seq, dl.detail.into_owned()))
+            })
+            .collect()
+    }
+
+    fn reading(i: u64) -> Append {
+        Append::Record {
+            natural_hash: i,
+            payload_hash: i,
+            device_id: b"d".to_vec(),
+            json_until_seq: format!(r#"{{"device_id":"d","i":{i},"seq":"#).into_bytes(),
+            received_ms: now_ms(),
+        }
+    }
+
+    /// Asked at shutdown, the thread writes a marker above every `seq` assigned so far and
+    /// replies with its `seq` once committed; asked again with nothing new, it writes none.
+    #[test]
+    fn a_high_water_request_writes_a_marker_above_everything_assigned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, handle, shared, metrics) = start(dir.path(), None);
+        for i in 0..3 {
+            tx.send(Command::Append(reading(i), i as u32)).expect("send");
+        }
+        let ask = || {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            tx.send(Command::HighWater(reply)).expect("send");
+            rx.blocking_recv().expect("answered")
+        };
+        let seq = ask();
+        assert_eq!(shared.stats().next_seq, seq + 1, "the marker took the last seq");
+        assert_eq!(ask(), seq, "nothing new since: no second marker");
+        assert_eq!(metrics.high_water_markers.get(), 1);
+        drop(tx);
+        handle.join().expect("thread ends");
+        assert_eq!(markers(dir.path()), vec![(seq, format!("complete through seq {}", seq - 1))]);
+    }
+
+    /// On a schedule, the thread writes markers even when idle (their age is how `verify`
+    /// notices a node that stopped).
+    #[test]
+    fn markers_are_written_on_a_schedule_even_when_idle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, handle, _shared, metrics) = start(dir.path(), Some(Duration::from_millis(200)));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while metrics.high_water_markers.get() < 3 {
+            assert!(Instant::now() < deadline, "only {} markers in 10s", metrics.high_water_markers.get());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(tx);
+        handle.join().expect("thread ends");
+        let found = markers(dir.path());
+        assert!(found.len() >= 3, "{found:?}");
+        assert!(found.windows(2).all(|w| w[0].0 < w[1].0));
+    }
 }

@@ -5,7 +5,7 @@
 //! | table     | key       | value                              | purpose |
 //! |-----------|-----------|------------------------------------|---------|
 //! | `records` | `seq`     | entry bytes (see [`super::entry`]) | what is waiting for Kafka, in `seq` order |
-//! | `recent`  | `seq`     | `(natural_hash, payload_hash)`     | the dedup horizon, oldest first |
+//! | `recent`  | `seq`     | `(natural_hash, payload_hash)`     | the dedup horizon, oldest first (no `high_water` markers) |
 //! | `meta`    | name      | bytes                              | `format`, `next_seq`, `count`, `bytes`, `node_id`, `created_ms` |
 //!
 //! One [`Store::apply`] is one write transaction with durable commit: deletions of delivered
@@ -82,7 +82,21 @@ pub enum Append {
         draft: DeadLetterDraft,
         received_ms: i64,
     },
+    /// A `high_water` marker ([`MarkerKind::HighWater`]): a dead letter for `raw-data-dlq` that
+    /// takes the next `seq` of its commit, so every `seq` below it was assigned before it. Its
+    /// detail ("complete through seq N") is written once the `seq` is known. It counts against
+    /// the quota and may be dropped under `drop_oldest` like any entry, but it never enters the
+    /// dedup horizon: nothing redelivers a marker, so it is never taken for a repeat and never
+    /// pushes a reading out of the horizon. (A retried commit that had in fact reached the disk
+    /// stores it twice: two true markers.)
+    HighWater {
+        /// When it was written (its `received_at_ms`).
+        received_ms: i64,
+    },
 }
+
+/// The `source` of the agent's own markers.
+pub const MARKER_SOURCE: &str = "edgeflow-agent";
 
 /// A dead letter before its `seq` is known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,7 +305,7 @@ impl Store {
             let marker = DeadLetterDraft {
                 reason: MarkerKind::BufferCreated.as_str().into(),
                 detail: format!("new buffer for node {}; seq starts at {first}", self.node_id),
-                source: "edgeflow-agent".into(),
+                source: MARKER_SOURCE.into(),
                 payload: Vec::new(),
                 payload_size: 0,
                 truncated: false,
@@ -477,13 +491,15 @@ impl Store {
                     applied.outcomes.push(Outcome::Deferred);
                     continue;
                 }
-                let (natural, payload_hash, check) = match append {
-                    Append::Record { natural_hash, payload_hash, .. } => (*natural_hash, *payload_hash, true),
+                // `None`: kept out of the dedup horizon.
+                let (dedup_key, check) = match append {
+                    Append::Record { natural_hash, payload_hash, .. } => (Some((*natural_hash, *payload_hash)), true),
                     Append::DeadLetter { natural_hash, payload_hash, check_duplicate, .. } => {
-                        (*natural_hash, *payload_hash, *check_duplicate)
+                        (Some((*natural_hash, *payload_hash)), *check_duplicate)
                     }
+                    Append::HighWater { .. } => (None, false),
                 };
-                if check && let Some(&seq) = self.dedup.get(&(natural, payload_hash)) {
+                if check && let Some(&seq) = dedup_key.and_then(|k| self.dedup.get(&k)) {
                     applied.outcomes.push(Outcome::Duplicate { seq });
                     continue;
                 }
@@ -506,6 +522,20 @@ impl Store {
                             payload_size: draft.payload_size,
                             truncated: draft.truncated,
                             payload: draft.payload.clone(),
+                        };
+                        entry::encode(Kind::DeadLetter, *received_ms, self.node_id.as_bytes(), &dl.to_json())
+                    }
+                    Append::HighWater { received_ms } => {
+                        let dl = DeadLetter {
+                            node_id: self.node_id.as_str().into(),
+                            seq,
+                            reason: MarkerKind::HighWater.as_str().into(),
+                            detail: format!("complete through seq {}", seq.saturating_sub(1)).into(),
+                            source: MARKER_SOURCE.into(),
+                            received_at_ms: *received_ms,
+                            payload_size: 0,
+                            truncated: false,
+                            payload: Vec::new(),
                         };
                         entry::encode(Kind::DeadLetter, *received_ms, self.node_id.as_bytes(), &dl.to_json())
                     }
@@ -542,8 +572,12 @@ impl Store {
                 stats.next_seq += 1;
                 stats.bytes += need;
                 stats.count += 1;
-                recent.insert(seq, (natural, payload_hash)).map_err(txn_err)?;
-                self.dedup.insert((natural, payload_hash), seq);
+                let Some(key) = dedup_key else {
+                    applied.outcomes.push(Outcome::Stored { seq });
+                    continue;
+                };
+                recent.insert(seq, key).map_err(txn_err)?;
+                self.dedup.insert(key, seq);
                 stats.dedup_entries += 1;
                 while stats.dedup_entries > self.opts.dedup_horizon {
                     let Some((k, v)) = recent.pop_first().map_err(txn_err)? else { break };
@@ -775,6 +809,60 @@ mod tests {
         let reopened = store.apply(&[], &[record("d", 1, 0xA), record("d", 1, 0xB)]).expect("commit");
         assert_eq!(seqs(&reopened), vec![Outcome::Duplicate { seq: base }, Outcome::Duplicate { seq: base + 1 }]);
         assert_eq!(store.stats().next_seq, base + 2, "nothing stored twice");
+    }
+
+    /// A `high_water` marker takes the next `seq` in its commit, says what it proves, reads back
+    /// in order between the records, and is never taken for a repeat (of a record or of an
+    /// earlier marker), nor kept in the dedup horizon.
+    #[test]
+    fn a_high_water_marker_takes_the_next_seq_and_is_never_a_repeat() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) = open(dir.path(), opts(1 << 20, WhenFull::Block));
+        let base = store.stats().next_seq;
+        let horizon = store.stats().dedup_entries;
+        let a = store
+            .apply(&[], &[record("d", 1, 1), Append::HighWater { received_ms: NOW + 5 }, record("d", 2, 2)])
+            .expect("commit");
+        assert_eq!(
+            seqs(&a),
+            vec![Outcome::Stored { seq: base }, Outcome::Stored { seq: base + 1 }, Outcome::Stored { seq: base + 2 }]
+        );
+        let again =
+            store.apply(&[], &[Append::HighWater { received_ms: NOW + 6 }, Append::HighWater { received_ms: NOW + 6 }]);
+        assert_eq!(
+            seqs(&again.expect("commit")),
+            vec![Outcome::Stored { seq: base + 3 }, Outcome::Stored { seq: base + 4 }]
+        );
+        assert_eq!(store.stats().dedup_entries, horizon + 2, "only the two records entered the horizon");
+
+        let rows = store.read(base, 10, usize::MAX).expect("read");
+        assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), (base..base + 5).collect::<Vec<_>>());
+        let e = entry::decode(&rows[1].1).expect("entry");
+        assert_eq!((e.kind, e.key, e.received_ms), (Kind::DeadLetter, &b"pve-1"[..], NOW + 5));
+        let dl = DeadLetter::parse(e.value).expect("dead letter");
+        assert_eq!((dl.seq, dl.marker(), dl.received_at_ms), (base + 1, Some(MarkerKind::HighWater), NOW + 5));
+        assert_eq!((dl.node_id.as_ref(), dl.source.as_ref()), ("pve-1", "edgeflow-agent"));
+        assert_eq!(dl.detail, format!("complete through seq {base}"));
+        assert!(dl.payload.is_empty() && dl.payload_size == 0 && !dl.truncated);
+        // Markers count against the quota like any entry.
+        assert_eq!(store.stats().count, 6);
+        assert_eq!(store.verify().expect("consistent"), 6);
+    }
+
+    /// Under `drop_oldest` a marker is dropped like any entry, and counted.
+    #[test]
+    fn drop_oldest_may_drop_markers_and_counts_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, _) = open(dir.path(), opts(400, WhenFull::DropOldest));
+        let mut dropped = 0;
+        for i in 0..20 {
+            let a = store.apply(&[], &[Append::HighWater { received_ms: NOW + i }]).expect("commit");
+            assert!(matches!(a.outcomes[0], Outcome::Stored { .. }));
+            dropped += a.dropped;
+            assert!(store.stats().bytes <= 400);
+        }
+        assert!(dropped > 0);
+        assert_eq!(store.verify().expect("consistent"), store.stats().count);
     }
 
     #[test]

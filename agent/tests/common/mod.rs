@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use edgeflow_contract::{DeadLetter, Limits, RawRecord};
+use edgeflow_contract::{DeadLetter, Limits, MarkerKind, RawRecord};
 #[allow(unused_imports)] // not every test binary uses every helper
 pub use edgeflow_testkit::{FaultProxy, Mosquitto, Service, Tansu, TansuStorage, free_port, http_get, kafka};
 
@@ -172,9 +172,23 @@ pub fn read_raw(bootstrap: &str, count: usize, timeout: Duration) -> Result<Vec<
         .collect()
 }
 
-/// Reads raw-data-dlq until `count` dead letters.
+/// Whether a raw-data-dlq value is a `high_water` marker (the agent writes them on a schedule and
+/// at a clean stop, so how many there are depends on timing).
+pub fn is_high_water(value: &[u8]) -> bool {
+    DeadLetter::parse(value).is_ok_and(|d| d.marker() == Some(MarkerKind::HighWater))
+}
+
+/// Reads raw-data-dlq until `count` dead letters besides `high_water` markers (then 2 s more for
+/// extras). Returns everything read, markers included, in order.
 pub fn read_dlq(bootstrap: &str, count: usize, timeout: Duration) -> Result<Vec<DeadLetter<'static>>> {
-    let msgs = kafka::consume_count(bootstrap, DLQ, count, timeout, Duration::from_secs(2))?;
+    let settle = Duration::from_secs(2);
+    let mut reached: Option<std::time::Instant> = None;
+    let msgs = kafka::consume_until(bootstrap, DLQ, timeout + settle, |msgs| {
+        if reached.is_none() && msgs.iter().filter(|m| !is_high_water(&m.value)).count() >= count {
+            reached = Some(std::time::Instant::now());
+        }
+        reached.is_some_and(|t| t.elapsed() >= settle)
+    })?;
     msgs.iter()
         .map(|m| {
             let d = DeadLetter::parse(&m.value).context("dead letter")?;

@@ -158,7 +158,7 @@ async fn demo(args: Args) -> anyhow::Result<bool> {
         let a = aggregator_metrics(aggregator_port);
         let sum = |prefix: &str| a.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, v)| v).sum::<f64>();
         format!(
-            "{:>4}s  received {:>6}  buffered {:>6}  forwarded {:>6}  dead letters {:>4}  in Kafka {:>6}  windows {:>5}  files in S3 {:>3}  link {link}",
+            "{:>4}s  received {:>6}  buffered {:>6}  forwarded {:>6}  dead letters and markers {:>4}  in Kafka {:>6}  windows {:>5}  files in S3 {:>3}  link {link}",
             start.elapsed().as_secs(),
             m.mqtt_messages_received.get(),
             m.buffer_records.get(),
