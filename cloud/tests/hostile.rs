@@ -340,16 +340,35 @@ async fn hostile_traffic_at_ten_percent_changes_nothing_else() -> Result<()> {
         }
     }
     produce_at(&p, RAW, &records).await?;
+    // 11:00:30 closes every minute of hour 10 on both partitions; wait until both all-devices
+    // partials of the last minute are in processed-data partition 0, so that they reach the hour's
+    // main file rather than (correctly, but after this test looks) a late one.
     for (part, node) in [(0, "n0"), (1, "n1")] {
-        produce_at(
-            &p,
-            RAW,
-            &[
-                (part, node, raw(node, at(60, 30), 22.0, 40.0, "OK", node, per_node + 1), at(60, 30)),
-                (part, node, raw(node, at(62, 0), 22.0, 40.0, "OK", node, per_node + 2), at(62, 0)),
-            ],
-        )
-        .await?;
+        let closer = raw(node, at(60, 30), 22.0, 40.0, "OK", node, per_node + 1);
+        produce_at(&p, RAW, &[(part, node, closer, at(60, 30))]).await?;
+    }
+    let bootstrap = env.bootstrap();
+    tokio::task::spawn_blocking(move || {
+        kafka::consume_until(&bootstrap, PROCESSED, Duration::from_secs(60), |msgs| {
+            let sources: std::collections::BTreeSet<i32> = msgs
+                .iter()
+                .filter(|m| m.partition == 0)
+                .filter_map(|m| match edgeflow_aggregator::processed::Processed::parse(&m.value) {
+                    Ok(edgeflow_aggregator::processed::Processed::Aggregate(a))
+                        if a.device_id.is_none() && a.window_start_ms == H10 + 19 * MIN =>
+                    {
+                        Some(a.source.partition)
+                    }
+                    _ => None,
+                })
+                .collect();
+            sources.len() == 2
+        })
+    })
+    .await??;
+    for (part, node) in [(0, "n0"), (1, "n1")] {
+        let sealer = raw(node, at(62, 0), 22.0, 40.0, "OK", node, per_node + 2);
+        produce_at(&p, RAW, &[(part, node, sealer, at(62, 0))]).await?;
     }
     let manifests = [env.manifest_key(H10, PROCESSED, 0), env.manifest_key(H10, PROCESSED, 1)];
     let keys = env
