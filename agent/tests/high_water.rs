@@ -16,20 +16,7 @@ fn dead_letters(
     mut done: impl FnMut(&[DeadLetter<'_>]) -> bool,
 ) -> anyhow::Result<Vec<DeadLetter<'static>>> {
     let parse = |msgs: &[kafka::Consumed]| -> Vec<DeadLetter<'static>> {
-        msgs.iter()
-            .filter_map(|m| DeadLetter::parse(&m.value).ok())
-            .map(|d| DeadLetter {
-                node_id: d.node_id.into_owned().into(),
-                seq: d.seq,
-                reason: d.reason.into_owned().into(),
-                detail: d.detail.into_owned().into(),
-                source: d.source.into_owned().into(),
-                received_at_ms: d.received_at_ms,
-                payload_size: d.payload_size,
-                truncated: d.truncated,
-                payload: d.payload,
-            })
-            .collect()
+        msgs.iter().filter_map(|m| DeadLetter::parse(&m.value).ok()).map(DeadLetter::into_owned).collect()
     };
     let msgs = kafka::consume_until(bootstrap, DLQ, timeout, |msgs| done(&parse(msgs)))?;
     Ok(parse(&msgs))

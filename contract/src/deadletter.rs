@@ -89,6 +89,21 @@ impl DeadLetter<'_> {
 }
 
 impl<'a> DeadLetter<'a> {
+    /// Copies borrowed strings so the dead letter outlives the value it was parsed from.
+    pub fn into_owned(self) -> DeadLetter<'static> {
+        DeadLetter {
+            node_id: Cow::Owned(self.node_id.into_owned()),
+            seq: self.seq,
+            reason: Cow::Owned(self.reason.into_owned()),
+            detail: Cow::Owned(self.detail.into_owned()),
+            source: Cow::Owned(self.source.into_owned()),
+            received_at_ms: self.received_at_ms,
+            payload_size: self.payload_size,
+            truncated: self.truncated,
+            payload: self.payload,
+        }
+    }
+
     /// Parses a `raw-data-dlq` value.
     pub fn parse(value: &'a [u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(value)

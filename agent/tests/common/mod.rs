@@ -192,17 +192,7 @@ pub fn read_dlq(bootstrap: &str, count: usize, timeout: Duration) -> Result<Vec<
     msgs.iter()
         .map(|m| {
             let d = DeadLetter::parse(&m.value).context("dead letter")?;
-            Ok(DeadLetter {
-                node_id: d.node_id.into_owned().into(),
-                seq: d.seq,
-                reason: d.reason.into_owned().into(),
-                detail: d.detail.into_owned().into(),
-                source: d.source.into_owned().into(),
-                received_at_ms: d.received_at_ms,
-                payload_size: d.payload_size,
-                truncated: d.truncated,
-                payload: d.payload,
-            })
+            Ok(d.into_owned())
         })
         .collect()
 }
