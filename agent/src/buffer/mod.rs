@@ -442,6 +442,7 @@ where
         let mut records = 0u64;
         let mut duplicates = 0u64;
         let mut deferred_from = None;
+        let mut marker = None;
         for (i, outcome) in applied.outcomes.iter().enumerate() {
             match outcome {
                 Outcome::Deferred => {
@@ -454,9 +455,7 @@ where
                         self.metrics.high_water_markers.inc();
                         high_water.last = Some(*seq);
                         high_water.waiting = false;
-                        for reply in high_water.replies.drain(..) {
-                            let _ = reply.send(*seq);
-                        }
+                        marker = Some(*seq);
                     }
                     Append::DeadLetter { .. } => {}
                 },
@@ -489,6 +488,12 @@ where
         self.metrics.records_dropped.inc_by(applied.dropped);
         self.metrics.records_duplicate.inc_by(duplicates);
         self.publish_stats();
+        // Answered only once the stats show the marker, so whoever asked sees it everywhere.
+        if let Some(seq) = marker {
+            for reply in high_water.replies.drain(..) {
+                let _ = reply.send(seq);
+            }
+        }
         let stored_any = applied.outcomes.iter().any(|o| matches!(o, Outcome::Stored { .. }));
         if !acks.is_empty() {
             (self.on_commit)(acks);
