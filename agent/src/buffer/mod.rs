@@ -206,9 +206,10 @@ where
 {
     let (tx, rx) = flume::unbounded();
     let reserve = reserve::Reserve::new(store.path(), reserve::RESERVE_BYTES);
-    let handle = std::thread::Builder::new()
-        .name("buffer".into())
-        .spawn(move || BufferThread { store, reserve, opts, metrics, shared, tail, on_commit, rx }.run())?;
+    let thread = BufferThread { store, reserve, opts, metrics, shared, tail, on_commit, rx };
+    // Before the thread starts, so the status server never shows the buffer's gauges at zero.
+    thread.publish_stats();
+    let handle = std::thread::Builder::new().name("buffer".into()).spawn(move || thread.run())?;
     Ok((tx, handle))
 }
 
@@ -237,7 +238,6 @@ where
         let mut retry: Option<(Instant, Duration)> = None;
         let mut high_water = HighWater::default();
         let mut next_marker = self.opts.high_water_interval.map(|every| Instant::now() + every);
-        self.publish_stats();
         self.shared.writable.store(true, Ordering::Relaxed);
         loop {
             self.shared.beat();
