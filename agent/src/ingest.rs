@@ -83,7 +83,7 @@ pub fn classify(topic: &str, payload: &[u8], dup: bool, received_ms: i64, node_i
             natural.push(0);
             natural.extend_from_slice(reading.timestamp.as_bytes());
             let mut json = Vec::with_capacity(payload.len() + node_id.len() + 48);
-            RawRecord::write_json_until_seq(&reading, node_id, &mut json);
+            RawRecord::write_json_head(&reading, node_id, &mut json);
             Append::Record {
                 natural_hash: xxh3_64(&natural),
                 payload_hash,
@@ -401,7 +401,7 @@ mod tests {
         assert_eq!(device_id, b"device123");
         assert_eq!(received_ms, NOW);
         let mut json = json_until_seq;
-        RawRecord::finish_json(9, &mut json);
+        RawRecord::finish_json(None, 9, &mut json);
         let r = RawRecord::parse(&json, &Limits::default()).expect("valid raw record");
         assert_eq!((r.provenance.node_id.as_ref(), r.provenance.seq, r.reading.temperature), ("pve-1", 9, 72.5));
         // The natural key ignores formatting: the same reading re-serialised has the same key.
@@ -455,6 +455,7 @@ mod tests {
             };
             let dl = edgeflow_contract::DeadLetter {
                 node_id: node_id.as_str().into(),
+                epoch: None,
                 seq: u64::MAX,
                 reason: draft.reason.as_str().into(),
                 detail: draft.detail.as_str().into(),

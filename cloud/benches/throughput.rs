@@ -132,8 +132,11 @@ fn prefill(bootstrap: &str, n: u64) -> Result<()> {
             event_time_ms: t,
         };
         buf.clear();
-        RawRecord { reading, provenance: Provenance { node_id: format!("pve-{node}").into(), seq: seqs[node] } }
-            .write_json(&mut buf);
+        RawRecord {
+            reading,
+            provenance: Provenance { node_id: format!("pve-{node}").into(), epoch: None, seq: seqs[node] },
+        }
+        .write_json(&mut buf);
         let partition = (d % PARTITIONS as u64) as i32;
         loop {
             match producer.send(

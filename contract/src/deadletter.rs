@@ -21,6 +21,9 @@ pub struct DeadLetter<'a> {
     /// The agent's node identity.
     #[serde(borrow)]
     pub node_id: Cow<'a, str>,
+    /// The agent run that wrote it (see [`crate::record`]); absent from older agents.
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<Cow<'a, str>>,
     /// The `seq` this dead letter took in the node's sequence.
     pub seq: u64,
     /// A [`crate::RejectReason`] name, or a [`MarkerKind`] name.
@@ -93,6 +96,7 @@ impl<'a> DeadLetter<'a> {
     pub fn into_owned(self) -> DeadLetter<'static> {
         DeadLetter {
             node_id: Cow::Owned(self.node_id.into_owned()),
+            epoch: self.epoch.map(|e| Cow::Owned(e.into_owned())),
             seq: self.seq,
             reason: Cow::Owned(self.reason.into_owned()),
             detail: Cow::Owned(self.detail.into_owned()),
@@ -127,6 +131,7 @@ mod tests {
     fn binary_payload_round_trips() {
         let dl = DeadLetter {
             node_id: "pve-1".into(),
+            epoch: Some("9f3c0a6e51d2b874".into()),
             seq: 7,
             reason: "not_utf8".into(),
             detail: "invalid UTF-8 at byte 1".into(),
@@ -164,7 +169,7 @@ mod tests {
             #[test]
             fn envelopes_round_trip(node in ".{0,40}", reason in ".{0,20}", seq in any::<u64>(), payload in proptest::collection::vec(any::<u8>(), 0..64)) {
                 let dl = DeadLetter {
-                    node_id: node.into(), seq, reason: reason.into(), detail: "d".into(), source: "s".into(),
+                    node_id: node.into(), epoch: None, seq, reason: reason.into(), detail: "d".into(), source: "s".into(),
                     received_at_ms: 1, payload_size: payload.len() as u64, truncated: false, payload,
                 };
                 let json = dl.to_json();

@@ -6,7 +6,7 @@
 //! * [`reading`]: the device payload (the reference JSON schema), how it is validated, and why
 //!   a payload is refused ([`RejectReason`]).
 //! * [`record`]: the `raw-data` message value — the reading's original fields plus its provenance
-//!   `(node_id, seq)`, which identifies a record end to end.
+//!   `(node_id, epoch, seq)`, which identifies a record end to end.
 //! * [`deadletter`]: the `raw-data-dlq` message value — a refused payload, kept with its reason.
 //! * [`topics`]: default topic names.
 //!
@@ -18,7 +18,7 @@ pub mod record;
 
 pub use deadletter::{DeadLetter, MarkerKind};
 pub use reading::{Limits, MAX_ABS_NUMBER, Reading, RejectReason, Rejection, TimeBounds};
-pub use record::{Provenance, RawRecord};
+pub use record::{MAX_EPOCH_BYTES, Provenance, RawRecord, is_valid_epoch};
 
 /// Default Kafka topic names. Operators may rename them in configuration.
 pub mod topics {

@@ -237,6 +237,7 @@ pub(crate) struct Fields<'a> {
     pub(crate) humidity: Option<&'a RawValue>,
     pub(crate) status: Option<&'a RawValue>,
     pub(crate) node_id: Option<&'a RawValue>,
+    pub(crate) epoch: Option<&'a RawValue>,
     pub(crate) seq: Option<&'a RawValue>,
     duplicate: Option<&'static str>,
 }
@@ -374,6 +375,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
                         "humidity" => ("humidity", &mut fields.humidity),
                         "status" => ("status", &mut fields.status),
                         "node_id" => ("node_id", &mut fields.node_id),
+                        "epoch" => ("epoch", &mut fields.epoch),
                         "seq" => ("seq", &mut fields.seq),
                         _ => {
                             map.next_value::<IgnoredAny>()?;

@@ -1,14 +1,19 @@
 //! The `raw-data` message value: a reading plus its provenance.
 //!
 //! The agent writes the reading's five original fields exactly as received (strings verbatim,
-//! numbers in their shortest round-trip form) and adds `node_id` and `seq`:
+//! numbers in their shortest round-trip form) and adds `node_id`, `epoch` and `seq`:
 //! `{"device_id":"device123","timestamp":"2024-12-26T10:00:00Z","temperature":72.5,
-//! "humidity":55.2,"status":"OK","node_id":"pve-1","seq":1735207200000001}`.
+//! "humidity":55.2,"status":"OK","node_id":"pve-1","epoch":"9f3c0a6e51d2b874","seq":1735207200000001}`.
 //! The Kafka key is `device_id`, so a device's records stay in one partition, in order.
 //!
-//! `(node_id, seq)` identifies a record end to end. `seq` is assigned by the agent's buffer in
-//! the same durable commit as the record, strictly increasing per node across restarts; every
-//! accepted record and every dead letter takes one, so a gap in what reaches S3 is a loss.
+//! `(node_id, epoch, seq)` identifies a record end to end. `seq` is assigned by the agent's
+//! buffer in the same durable commit as the record, strictly increasing per node across
+//! restarts; every accepted record and every dead letter takes one, so a gap in what reaches S3
+//! is a loss. The `epoch` names the agent run that committed the record: a random id drawn each
+//! time the buffer is opened. A restored or copied buffer file, a second agent configured with
+//! the same `node_id` or a new buffer whose clock-based `seq` starts below an old one therefore
+//! never reuse an identity downstream has seen: their records carry another epoch. Records of
+//! agents older than the epoch have none (`epoch: None`).
 
 use std::borrow::Cow;
 
@@ -22,8 +27,20 @@ use crate::{Limits, Reading, RejectReason, Rejection};
 pub struct Provenance<'a> {
     /// The agent's node identity (unique per Proxmox node).
     pub node_id: Cow<'a, str>,
+    /// The agent run that committed the record ([`is_valid_epoch`]); `None` from older agents.
+    pub epoch: Option<Cow<'a, str>>,
     /// The agent's per-node sequence number.
     pub seq: u64,
+}
+
+/// Longest accepted `epoch`.
+pub const MAX_EPOCH_BYTES: usize = 32;
+
+/// Whether `epoch` is a well-formed epoch: 1..=[`MAX_EPOCH_BYTES`] ASCII letters, digits, `-`
+/// or `_` (the agent writes 16 lowercase hex digits).
+pub fn is_valid_epoch(epoch: &str) -> bool {
+    (1..=MAX_EPOCH_BYTES).contains(&epoch.len())
+        && epoch.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A reading as it travels on `raw-data`.
@@ -34,7 +51,7 @@ pub struct RawRecord<'a> {
 }
 
 #[derive(Serialize)]
-struct WireWithoutSeq<'a> {
+struct WireHead<'a> {
     device_id: &'a str,
     timestamp: &'a str,
     temperature: f64,
@@ -46,15 +63,15 @@ struct WireWithoutSeq<'a> {
 impl<'a> RawRecord<'a> {
     /// Appends the JSON encoding to `out`.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        Self::write_json_until_seq(&self.reading, &self.provenance.node_id, out);
-        Self::finish_json(self.provenance.seq, out);
+        Self::write_json_head(&self.reading, &self.provenance.node_id, out);
+        Self::finish_json(self.provenance.epoch.as_deref(), self.provenance.seq, out);
     }
 
-    /// Appends the encoding up to `"seq":` (without the number). With [`RawRecord::finish_json`]
-    /// this lets the agent encode a reading before its `seq` is known and append the number
-    /// inside the buffer's commit, without encoding twice.
-    pub fn write_json_until_seq(reading: &Reading<'_>, node_id: &str, out: &mut Vec<u8>) {
-        let wire = WireWithoutSeq {
+    /// Appends the encoding up to the buffer's part of the provenance (`epoch` and `seq`). With
+    /// [`RawRecord::finish_json`] this lets the agent encode a reading before its `seq` is known
+    /// and append the rest inside the buffer's commit, without encoding twice.
+    pub fn write_json_head(reading: &Reading<'_>, node_id: &str, out: &mut Vec<u8>) {
+        let wire = WireHead {
             device_id: &reading.device_id,
             timestamp: &reading.timestamp,
             temperature: reading.temperature,
@@ -65,11 +82,19 @@ impl<'a> RawRecord<'a> {
         // Writing plain strings and finite floats into a Vec cannot fail.
         serde_json::to_writer(&mut *out, &wire).expect("serialising a RawRecord into memory is infallible");
         out.pop(); // the closing brace
-        out.extend_from_slice(b",\"seq\":");
+        out.push(b',');
     }
 
-    /// Completes an encoding started by [`RawRecord::write_json_until_seq`].
-    pub fn finish_json(seq: u64, out: &mut Vec<u8>) {
+    /// Completes an encoding started by [`RawRecord::write_json_head`]. `epoch` must satisfy
+    /// [`is_valid_epoch`] (it is written without escaping).
+    pub fn finish_json(epoch: Option<&str>, seq: u64, out: &mut Vec<u8>) {
+        if let Some(epoch) = epoch {
+            debug_assert!(is_valid_epoch(epoch), "epoch {epoch:?}");
+            out.extend_from_slice(b"\"epoch\":\"");
+            out.extend_from_slice(epoch.as_bytes());
+            out.extend_from_slice(b"\",");
+        }
+        out.extend_from_slice(b"\"seq\":");
         let mut digits = [0u8; 20];
         let mut n = seq;
         let mut i = digits.len();
@@ -104,8 +129,9 @@ impl<'a> RawRecord<'a> {
         if node_id.is_empty() || node_id.len() > limits.max_device_id_bytes {
             return None;
         }
+        let epoch = epoch_field(fields.epoch).ok()?;
         let seq = u64_field("seq", fields.seq).ok()?;
-        Some(Provenance { node_id, seq })
+        Some(Provenance { node_id, epoch, seq })
     }
 
     /// Parses and re-validates a `raw-data` value (without time bounds: consumers have no
@@ -120,9 +146,23 @@ impl<'a> RawRecord<'a> {
                 detail: format!("node_id must be 1..={} bytes", limits.max_device_id_bytes),
             });
         }
+        let epoch = epoch_field(fields.epoch)?;
         let seq = u64_field("seq", fields.seq)?;
-        Ok(RawRecord { reading, provenance: Provenance { node_id, seq } })
+        Ok(RawRecord { reading, provenance: Provenance { node_id, epoch, seq } })
     }
+}
+
+/// The optional `epoch`: absent (an older agent) or a valid epoch.
+fn epoch_field<'a>(raw: Option<&'a serde_json::value::RawValue>) -> Result<Option<Cow<'a, str>>, Rejection> {
+    let Some(raw) = raw else { return Ok(None) };
+    let epoch = string_field("epoch", Some(raw))?;
+    if !is_valid_epoch(&epoch) {
+        return Err(Rejection {
+            reason: RejectReason::FieldTooLong,
+            detail: format!("epoch must be 1..={MAX_EPOCH_BYTES} ASCII letters, digits, '-' or '_'"),
+        });
+    }
+    Ok(Some(epoch))
 }
 
 #[cfg(test)]
@@ -134,14 +174,34 @@ mod tests {
     fn round_trips_with_original_fields_and_provenance() {
         let payload = br#"{"device_id":"device123","timestamp":"2024-12-26T10:00:00+00:00","temperature":72.5,"humidity":55.2,"status":"OK","fw":"x"}"#;
         let reading = Reading::parse(payload, &Limits::default(), &TimeBounds::unbounded()).expect("valid");
-        let record = RawRecord { reading, provenance: Provenance { node_id: "pve-1".into(), seq: 42 } };
+        let record = RawRecord {
+            reading,
+            provenance: Provenance { node_id: "pve-1".into(), epoch: Some("9f3c0a6e51d2b874".into()), seq: 42 },
+        };
         let json = record.to_json();
         assert_eq!(
             std::str::from_utf8(&json).expect("utf8"),
-            r#"{"device_id":"device123","timestamp":"2024-12-26T10:00:00+00:00","temperature":72.5,"humidity":55.2,"status":"OK","node_id":"pve-1","seq":42}"#
+            r#"{"device_id":"device123","timestamp":"2024-12-26T10:00:00+00:00","temperature":72.5,"humidity":55.2,"status":"OK","node_id":"pve-1","epoch":"9f3c0a6e51d2b874","seq":42}"#
         );
         let back = RawRecord::parse(&json, &Limits::default()).expect("valid raw record");
         assert_eq!(back, record);
+    }
+
+    #[test]
+    fn a_record_of_an_older_agent_has_no_epoch_and_a_bad_epoch_is_refused() {
+        let limits = Limits::default();
+        let old = br#"{"device_id":"d","timestamp":"2024-12-26T10:00:00Z","temperature":1.5,"humidity":2.5,"status":"OK","node_id":"n","seq":5}"#;
+        let back = RawRecord::parse(old, &limits).expect("valid");
+        assert_eq!((back.provenance.epoch.clone(), back.provenance.seq), (None, 5));
+        assert_eq!(back.to_json(), old.to_vec(), "re-encodes as it came");
+        let long = format!("\"{}\"", "x".repeat(33));
+        for bad in [r#""""#, r#""a b""#, r#""ééé""#, "7", long.as_str()] {
+            let value = format!(
+                r#"{{"device_id":"d","timestamp":"2024-12-26T10:00:00Z","temperature":1,"humidity":2,"status":"OK","node_id":"n","epoch":{bad},"seq":5}}"#
+            );
+            assert!(RawRecord::parse(value.as_bytes(), &limits).is_err(), "{value}");
+        }
+        assert!(is_valid_epoch("9f3c0a6e51d2b874") && is_valid_epoch(&"x".repeat(32)));
     }
 
     #[test]
@@ -152,15 +212,17 @@ mod tests {
             &TimeBounds::unbounded(),
         )
         .expect("valid");
-        for seq in [0, 7, 10, 1_735_207_200_000_001, u64::MAX] {
-            let whole =
-                RawRecord { reading: reading.clone(), provenance: Provenance { node_id: "n".into(), seq } }.to_json();
+        let cases =
+            [(0, None), (7, Some("e")), (10, None), (1_735_207_200_000_001, Some("0123abcd")), (u64::MAX, None)];
+        for (seq, epoch) in cases {
+            let provenance = Provenance { node_id: "n".into(), epoch: epoch.map(Into::into), seq };
+            let whole = RawRecord { reading: reading.clone(), provenance }.to_json();
             let mut split = Vec::new();
-            RawRecord::write_json_until_seq(&reading, "n", &mut split);
-            RawRecord::finish_json(seq, &mut split);
+            RawRecord::write_json_head(&reading, "n", &mut split);
+            RawRecord::finish_json(epoch, seq, &mut split);
             assert_eq!(String::from_utf8_lossy(&split), String::from_utf8_lossy(&whole));
             let back = RawRecord::parse(&split, &Limits::default()).expect("parses");
-            assert_eq!(back.provenance.seq, seq);
+            assert_eq!((back.provenance.seq, back.provenance.epoch.as_deref()), (seq, epoch));
         }
     }
 

@@ -433,7 +433,7 @@ mod tests {
 
     fn record(payload: &str, seq: u64) -> Vec<u8> {
         let r = Reading::parse(payload.as_bytes(), &Limits::default(), &TimeBounds::unbounded()).expect("valid");
-        RawRecord { reading: r, provenance: Provenance { node_id: "n".into(), seq } }.to_json()
+        RawRecord { reading: r, provenance: Provenance { node_id: "n".into(), epoch: None, seq } }.to_json()
     }
 
     fn published(n: u64, class: Class, payload: &str) -> Published {

@@ -508,12 +508,13 @@ impl Store {
                 let bytes = match append {
                     Append::Record { device_id, json_until_seq, received_ms, .. } => {
                         value.extend_from_slice(json_until_seq);
-                        RawRecord::finish_json(seq, &mut value);
+                        RawRecord::finish_json(None, seq, &mut value);
                         entry::encode(Kind::Record, *received_ms, device_id, &value)
                     }
                     Append::DeadLetter { draft, received_ms, .. } => {
                         let dl = DeadLetter {
                             node_id: self.node_id.as_str().into(),
+                            epoch: None,
                             seq,
                             reason: draft.reason.as_str().into(),
                             detail: draft.detail.as_str().into(),
@@ -528,6 +529,7 @@ impl Store {
                     Append::HighWater { received_ms } => {
                         let dl = DeadLetter {
                             node_id: self.node_id.as_str().into(),
+                            epoch: None,
                             seq,
                             reason: MarkerKind::HighWater.as_str().into(),
                             detail: format!("complete through seq {}", seq.saturating_sub(1)).into(),

@@ -75,6 +75,7 @@ pub fn shrink(value: &[u8]) -> Option<Vec<u8>> {
     }
     let bounded = DeadLetter {
         node_id: dl.node_id.clone(),
+        epoch: dl.epoch.clone(),
         seq: dl.seq,
         reason: dl.reason.clone(),
         detail: detail.into(),
@@ -116,6 +117,7 @@ mod tests {
     fn an_oversized_dead_letter_from_an_older_agent_is_brought_within_the_bound() {
         let big = DeadLetter {
             node_id: "pve-1".into(),
+            epoch: None,
             seq: 7,
             reason: "bad_json".into(),
             detail: "x".repeat(10_000).into(),

@@ -292,13 +292,14 @@ pub fn raw(device: &str, t: i64, temperature: f64, humidity: f64, status: &str, 
         status: status.into(),
         event_time_ms: t,
     };
-    RawRecord { reading, provenance: Provenance { node_id: node.into(), seq } }.to_json()
+    RawRecord { reading, provenance: Provenance { node_id: node.into(), epoch: None, seq } }.to_json()
 }
 
 /// A raw-data-dlq value as the agent writes it.
 pub fn dead_letter(node: &str, seq: u64, reason: &str, payload: &[u8], received_at_ms: i64) -> Vec<u8> {
     DeadLetter {
         node_id: node.into(),
+        epoch: None,
         seq,
         reason: reason.into(),
         detail: "test".into(),
