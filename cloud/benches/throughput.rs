@@ -300,6 +300,7 @@ fn encode_rate(rows: i64) -> Result<f64> {
             humidity: 30.0 + (i % 50) as f64,
             status: "OK",
             node_id: "pve-1",
+            epoch: Some("9f3c0a6e51d2b874"),
             seq: i,
             reason: None,
         })?;

@@ -389,6 +389,11 @@ pub fn set_paused(consumer: &StageConsumer, partitions: &[(String, i32)], paused
     if paused { consumer.pause(&tpl) } else { consumer.resume(&tpl) }
 }
 
+/// Whether the message carries header `name` (with any value).
+pub fn has_header(message: &BorrowedMessage<'_>, name: &str) -> bool {
+    message.headers().is_some_and(|headers| headers.iter().any(|h| h.key == name))
+}
+
 /// The message's broker timestamp in milliseconds, if any.
 pub fn timestamp_ms(message: &BorrowedMessage<'_>) -> Option<i64> {
     message.timestamp().to_millis()

@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::process::window::SEQ_OUT_OF_RANGE;
+use crate::process::window::{SEQ_OUT_OF_RANGE, SEQ_REGRESSION};
 use crate::processed::FilterReason;
 use crate::sink::state::Family as FileFamily;
 
@@ -72,6 +72,8 @@ pub struct Metrics {
     /// Copies dropped by dedup.
     pub duplicates: Family<StageLabels, Counter>,
     /// Readings for a window already emitted (each became a late correction).
+    /// Records showing two agents writing as one node_id (their epochs interleave).
+    pub writer_conflicts: Counter,
     pub late: Counter,
     /// Windows emitted on time: `device` aggregates and `all`-devices partials.
     pub windows: Family<ScopeLabels, Counter>,
@@ -135,6 +137,7 @@ impl Metrics {
             filtered: Counter::default(),
             rejected: Family::default(),
             duplicates: Family::default(),
+            writer_conflicts: Counter::default(),
             late: Counter::default(),
             windows: Family::default(),
             deadletters: Family::default(),
@@ -167,6 +170,11 @@ impl Metrics {
         r.register("records_filtered", "Readings that passed the filter", m.filtered.clone());
         r.register("records_rejected", "Readings the filter removed, by reason", m.rejected.clone());
         r.register("duplicates_dropped", "Copies of a record or aggregate dropped by dedup", m.duplicates.clone());
+        r.register(
+            "node_writer_conflicts",
+            "Records showing two agents writing as one node_id (records of two epochs of a node interleave on a partition)",
+            m.writer_conflicts.clone(),
+        );
         r.register(
             "late_records",
             "Readings for a window already emitted (emitted as late corrections)",
@@ -267,7 +275,7 @@ impl Metrics {
         for reason in FilterReason::ALL {
             m.rejected.get_or_create_owned(&ReasonLabels { reason: reason.as_str().into() });
         }
-        for reason in RejectReason::ALL.iter().map(|r| r.as_str()).chain([SEQ_OUT_OF_RANGE]) {
+        for reason in RejectReason::ALL.iter().map(|r| r.as_str()).chain([SEQ_OUT_OF_RANGE, SEQ_REGRESSION]) {
             m.deadletters.get_or_create_owned(&ReasonLabels { reason: reason.into() });
         }
         for scope in ["device", "all"] {
@@ -335,6 +343,7 @@ pub struct ProcessCounters {
     pub filtered: Counter,
     pub rejected: [Counter; 2],
     pub duplicates: Counter,
+    pub writer_conflicts: Counter,
     pub late: Counter,
     pub windows_device: Counter,
     pub windows_all: Counter,
@@ -387,6 +396,7 @@ impl Metrics {
             filtered: self.filtered.clone(),
             rejected: [reason(FilterReason::StatusNotOk), reason(FilterReason::TemperatureAboveMax)],
             duplicates: self.duplicates.get_or_create_owned(&StageLabels { stage: Stage::process }),
+            writer_conflicts: self.writer_conflicts.clone(),
             late: self.late.clone(),
             windows_device: scope("device"),
             windows_all: scope("all"),

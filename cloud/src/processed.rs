@@ -4,13 +4,13 @@
 //! ```json
 //! {"kind":"filtered","source_partition":2,"source_offset":1041,"device_id":"d7",
 //!  "timestamp":"2024-12-26T10:00:00Z","event_time_ms":1735207200000,"temperature":72.5,
-//!  "humidity":55.2,"status":"OK","node_id":"pve-1","seq":1735207200000001}
+//!  "humidity":55.2,"status":"OK","node_id":"pve-1","epoch":"9f3c0a6e51d2b874","seq":1735207200000001}
 //! {"kind":"rejected", …same fields…, "reason":"temperature_above_max"}
 //! {"kind":"aggregate","source_partition":2,"source_offset":1077,"device_id":"d7",
 //!  "window_start_ms":1735207200000,"count":12,"temperature_sum":870.0,"temperature_min":71.0,
 //!  "temperature_max":74.5,"humidity_sum":662.4,"late":false}
 //! {"kind":"deadletter","source_partition":2,"source_offset":1090,"reason":"bad_json",
-//!  "detail":"…","node_id":"pve-1","seq":1735207200000042,"received_at_ms":1735207201234,
+//!  "detail":"…","node_id":"pve-1","epoch":"9f3c0a6e51d2b874","seq":1735207200000042,"received_at_ms":1735207201234,
 //!  "payload":"eyJkZXZp…"}
 //! ```
 //!
@@ -157,6 +157,8 @@ pub struct ReadingOut<'a> {
     pub humidity: f64,
     pub status: Cow<'a, str>,
     pub node_id: Cow<'a, str>,
+    /// The agent run that committed the record; `None` from agents older than epochs.
+    pub epoch: Option<Cow<'a, str>>,
     pub seq: u64,
 }
 
@@ -180,6 +182,7 @@ pub struct DeadLetterOut<'a> {
     pub reason: Cow<'a, str>,
     pub detail: Cow<'a, str>,
     pub node_id: Option<Cow<'a, str>>,
+    pub epoch: Option<Cow<'a, str>>,
     pub seq: Option<u64>,
     /// The raw record's Kafka timestamp (milliseconds), 0 when the broker gave none.
     pub received_at_ms: i64,
@@ -227,6 +230,7 @@ impl Processed<'_> {
                 wire.humidity = Some(r.humidity);
                 wire.status = Some(Cow::Borrowed(&r.status));
                 wire.node_id = Some(Cow::Borrowed(&r.node_id));
+                wire.epoch = r.epoch.as_deref().map(Cow::Borrowed);
                 wire.seq = Some(r.seq);
                 wire.reason = r.reason.map(|f| Cow::Borrowed(f.as_str()));
             }
@@ -244,6 +248,7 @@ impl Processed<'_> {
                 wire.reason = Some(Cow::Borrowed(&d.reason));
                 wire.detail = Some(Cow::Borrowed(&d.detail));
                 wire.node_id = d.node_id.as_deref().map(Cow::Borrowed);
+                wire.epoch = d.epoch.as_deref().map(Cow::Borrowed);
                 wire.seq = d.seq;
                 wire.received_at_ms = Some(d.received_at_ms);
                 encoded_payload = STANDARD.encode(&d.payload);
@@ -294,6 +299,7 @@ impl<'a> Processed<'a> {
                     humidity: w.humidity.ok_or_else(|| missing("humidity"))?,
                     status: w.status.ok_or_else(|| missing("status"))?,
                     node_id: w.node_id.ok_or_else(|| missing("node_id"))?,
+                    epoch: w.epoch,
                     seq: w.seq.ok_or_else(|| missing("seq"))?,
                 })
             }
@@ -320,6 +326,7 @@ impl<'a> Processed<'a> {
                     reason: w.reason.ok_or_else(|| missing("reason"))?,
                     detail: w.detail.unwrap_or_default(),
                     node_id: w.node_id,
+                    epoch: w.epoch,
                     seq: w.seq,
                     received_at_ms: w.received_at_ms.unwrap_or(0),
                     payload_size: w.payload_size.unwrap_or(payload.len() as u64),
@@ -351,6 +358,8 @@ struct Wire<'a> {
     status: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     node_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    epoch: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
@@ -395,6 +404,7 @@ mod tests {
             humidity: 55.2,
             status: "OK".into(),
             node_id: "pve-1".into(),
+            epoch: Some("9f3c0a6e51d2b874".into()),
             seq: 1_735_207_200_000_001,
         })
     }
@@ -429,6 +439,7 @@ mod tests {
                 reason: "bad_json".into(),
                 detail: "expected value at line 1".into(),
                 node_id: None,
+                epoch: None,
                 seq: None,
                 received_at_ms: 1_735_207_201_234,
                 payload: Cow::Owned(vec![0xff, b'{']),
@@ -440,6 +451,7 @@ mod tests {
                 reason: "oversized".into(),
                 detail: "payload truncated".into(),
                 node_id: Some("n".into()),
+                epoch: Some("e1".into()),
                 seq: Some(3),
                 received_at_ms: 1,
                 payload: Cow::Owned(vec![b'{'; 4]),
@@ -457,7 +469,7 @@ mod tests {
         let json = String::from_utf8(reading(Some(FilterReason::StatusNotOk)).to_json()).expect("utf8");
         assert_eq!(
             json,
-            r#"{"kind":"rejected","source_partition":2,"source_offset":1041,"device_id":"d7","timestamp":"2024-12-26T10:00:00Z","event_time_ms":1735207200000,"temperature":72.5,"humidity":55.2,"status":"OK","node_id":"pve-1","seq":1735207200000001,"reason":"status_not_ok"}"#
+            r#"{"kind":"rejected","source_partition":2,"source_offset":1041,"device_id":"d7","timestamp":"2024-12-26T10:00:00Z","event_time_ms":1735207200000,"temperature":72.5,"humidity":55.2,"status":"OK","node_id":"pve-1","epoch":"9f3c0a6e51d2b874","seq":1735207200000001,"reason":"status_not_ok"}"#
         );
     }
 

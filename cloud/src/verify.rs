@@ -8,6 +8,16 @@
 //! missing. Numbers before a node's first `seq` in S3 cannot be known here; the end-to-end
 //! tests compare against what the devices sent.
 //!
+//! A record is `(node, epoch, seq)` (the `Epoch` column; null in older files and from older
+//! agents). A duplicate is the same `(epoch, seq)` twice. The `seq`s of one buffer continue
+//! across the runs (epochs) that wrote it, so the node's epochs are put in *lineages*: ordered
+//! by their first `seq`, an epoch continues the lineage whose last `seq` is the closest below
+//! its own first, and gaps are looked for across each lineage's `seq`s. An epoch whose range
+//! overlaps every lineage's starts a new one: a restored or copied buffer, or a second agent
+//! with the same `node_id` (`lineages` > 1 says so); each is checked on its own, so one
+//! writer's records cannot hide another's gaps. `regressions` counts the `seq_regression` dead
+//! letters of `process` (a producer reusing an epoch's `seq`s): kept and shown, not missing.
+//!
 //! The tail: records that never arrived leave no gap between records that did. Agents therefore
 //! write a durable `high_water` marker ([`MarkerKind::HighWater`]) on a schedule and at
 //! shutdown; it takes a `seq` like any entry, so every `seq` of the buffer below it was assigned
@@ -35,7 +45,7 @@ use edgeflow_contract::MarkerKind;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 
-use crate::process::window::window_start;
+use crate::process::window::{SEQ_REGRESSION, window_start};
 use crate::processed::Sums;
 use crate::s3::{S3, S3Error};
 use crate::sink::state::Family;
@@ -72,6 +82,8 @@ pub struct Totals {
     pub records: u64,
     pub missing: u64,
     pub duplicates: u64,
+    /// `seq_regression` dead letters (not a loss: the records are kept with their reason).
+    pub regressions: u64,
     /// Nodes whose newest `high_water` marker is too old (see [`Expectations`]).
     pub stale_nodes: u64,
     /// Expected nodes with nothing in S3.
@@ -101,6 +113,13 @@ pub struct NodeReport {
     pub max_seq: i64,
     /// `buffer_created` markers (each starts a new range).
     pub buffers: u64,
+    /// Distinct epochs (agent runs) seen; records of agents older than epochs count as one.
+    pub epochs: u64,
+    /// Lineages of epochs (see the module doc): more than one means a restored or copied
+    /// buffer, or two agents with this `node_id`.
+    pub lineages: u64,
+    /// Records `process` refused as `seq_regression` (their `seq` reused within an epoch).
+    pub regressions: u64,
     /// Missing `seq`s, as inclusive `[first, last]` ranges (at most [`LIST_LIMIT`]).
     pub missing: Vec<[i64; 2]>,
     pub missing_count: u64,
@@ -171,16 +190,69 @@ pub struct Collector {
     objects: usize,
     manifests: usize,
     rows: BTreeMap<String, u64>,
-    /// node → (seq, family) for every row with provenance.
-    seqs: BTreeMap<String, Vec<(i64, Family)>>,
+    /// node → its rows with provenance.
+    seqs: BTreeMap<String, NodeRows>,
     /// node → seqs of `buffer_created` markers.
     markers: BTreeMap<String, BTreeSet<i64>>,
-    /// node → (seq, time) of its newest `high_water` marker.
-    high_water: BTreeMap<String, (i64, i64)>,
+    /// node → (time, seq, epoch index) of each epoch's newest `high_water` marker.
+    high_water: BTreeMap<String, BTreeMap<u32, (i64, i64)>>,
+    /// node → `seq_regression` dead letters.
+    regressions: BTreeMap<String, u64>,
     unattributed: u64,
     expected: BTreeMap<(Option<String>, i64), Sums>,
     found: BTreeMap<(Option<String>, i64), Sums>,
     errors: Vec<String>,
+}
+
+/// One node's rows: `(epoch index, seq, family)`, with the epochs interned.
+#[derive(Debug, Default)]
+struct NodeRows {
+    epochs: Vec<Option<String>>,
+    rows: Vec<(u32, i64, Family)>,
+}
+
+impl NodeRows {
+    fn epoch(&mut self, epoch: Option<&str>) -> u32 {
+        match self.epochs.iter().rposition(|e| e.as_deref() == epoch) {
+            Some(i) => i as u32,
+            None => {
+                self.epochs.push(epoch.map(str::to_owned));
+                (self.epochs.len() - 1) as u32
+            }
+        }
+    }
+}
+
+/// The `Epoch` column, absent from files written before it existed.
+fn epoch_column(b: &RecordBatch) -> Result<Option<&arrow_array::StringArray>, String> {
+    match b.column_by_name("Epoch") {
+        None => Ok(None),
+        Some(c) => c.as_string_opt::<i32>().map(Some).ok_or_else(|| "column Epoch is not a string".to_owned()),
+    }
+}
+
+fn epoch_at(epochs: Option<&arrow_array::StringArray>, i: usize) -> Option<&str> {
+    epochs.filter(|e| !e.is_null(i)).map(|e| e.value(i))
+}
+
+/// Splits a node's epochs into lineages (see the module doc): indices into `ranges`
+/// (`(min seq, max seq)` per epoch), each lineage in `seq` order.
+fn lineages(ranges: &[(i64, i64)]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..ranges.len()).collect();
+    order.sort_by_key(|&e| ranges[e]);
+    let mut lines: Vec<(i64, Vec<usize>)> = Vec::new();
+    for e in order {
+        let (first, last) = ranges[e];
+        let continues = lines.iter_mut().filter(|(max, _)| *max < first).max_by_key(|(max, _)| *max);
+        match continues {
+            Some((max, line)) => {
+                *max = last;
+                line.push(e);
+            }
+            None => lines.push((last, vec![e])),
+        }
+    }
+    lines.into_iter().map(|(_, line)| line).collect()
 }
 
 fn int_column<'a>(b: &'a RecordBatch, name: &str) -> Result<&'a arrow_array::Int64Array, String> {
@@ -230,8 +302,11 @@ impl Collector {
             match family {
                 Family::Filtered | Family::Rejected => {
                     let (node, seq) = (str_column(&b, "NodeId")?, int_column(&b, "Seq")?);
+                    let epochs = epoch_column(&b)?;
                     for i in 0..b.num_rows() {
-                        self.seqs.entry(node.value(i).to_owned()).or_default().push((seq.value(i), family));
+                        let n = self.node(node.value(i));
+                        let e = n.epoch(epoch_at(epochs, i));
+                        n.rows.push((e, seq.value(i), family));
                     }
                     if family == Family::Filtered {
                         let (device, ts) = (str_column(&b, "DeviceId")?, ts_column(&b, "Timestamp")?);
@@ -248,24 +323,32 @@ impl Collector {
                     let (node, seq, reason) =
                         (str_column(&b, "NodeId")?, int_column(&b, "Seq")?, str_column(&b, "Reason")?);
                     let received = ts_column(&b, "ReceivedAt")?;
+                    let epochs = epoch_column(&b)?;
                     for i in 0..b.num_rows() {
+                        if !node.is_null(i) && seq.is_null(i) && reason.value(i) == SEQ_REGRESSION {
+                            *self.regressions.entry(node.value(i).to_owned()).or_default() += 1;
+                            continue;
+                        }
                         if node.is_null(i) || seq.is_null(i) {
                             self.unattributed += 1;
                             continue;
                         }
-                        let n = node.value(i).to_owned();
+                        let name = node.value(i);
+                        let n = self.node(name);
+                        let e = n.epoch(epoch_at(epochs, i));
+                        n.rows.push((e, seq.value(i), family));
                         match MarkerKind::from_name(reason.value(i)) {
                             Some(MarkerKind::BufferCreated) => {
-                                self.markers.entry(n.clone()).or_default().insert(seq.value(i));
+                                self.markers.entry(name.to_owned()).or_default().insert(seq.value(i));
                             }
                             Some(MarkerKind::HighWater) => {
-                                let mark = (seq.value(i), received.value(i));
-                                let newest = self.high_water.entry(n.clone()).or_insert(mark);
+                                let mark = (received.value(i), seq.value(i));
+                                let per_epoch = self.high_water.entry(name.to_owned()).or_default();
+                                let newest = per_epoch.entry(e).or_insert(mark);
                                 *newest = (*newest).max(mark);
                             }
                             None => {}
                         }
-                        self.seqs.entry(n).or_default().push((seq.value(i), family));
                     }
                 }
                 Family::Aggregated => {
@@ -294,6 +377,13 @@ impl Collector {
         Ok(())
     }
 
+    fn node(&mut self, node: &str) -> &mut NodeRows {
+        if !self.seqs.contains_key(node) {
+            self.seqs.insert(node.to_owned(), NodeRows::default());
+        }
+        self.seqs.get_mut(node).expect("just inserted")
+    }
+
     /// Judges what was collected.
     pub fn report(self, bucket: &str, prefix: &str) -> Report {
         self.report_with(bucket, prefix, &Expectations::default())
@@ -303,56 +393,91 @@ impl Collector {
     pub fn report_with(self, bucket: &str, prefix: &str, expect: &Expectations) -> Report {
         let mut nodes = Vec::new();
         let mut totals = Totals::default();
-        let newest_marker_ms = self.high_water.values().map(|(_, t)| *t).max();
+        let newest_marker_ms = self.high_water.values().flat_map(|m| m.values()).map(|(t, _)| *t).max();
         for node in &expect.nodes {
-            if !self.seqs.contains_key(node) {
+            if !self.seqs.contains_key(node) && !self.regressions.contains_key(node) {
                 totals.absent_nodes.push(node.clone());
             }
         }
-        for (node_id, mut rows) in self.seqs {
-            rows.sort_unstable_by_key(|(s, _)| *s);
+        let mut seqs = self.seqs;
+        for (node, count) in &self.regressions {
+            seqs.entry(node.clone()).or_default();
+            totals.regressions += count;
+        }
+        for (node_id, NodeRows { epochs, mut rows }) in seqs {
+            rows.sort_unstable_by_key(|(e, s, _)| (*e, *s));
             let markers = self.markers.get(&node_id);
             let mut n = NodeReport { node_id: node_id.clone(), ..NodeReport::default() };
-            n.min_seq = rows.first().map_or(0, |r| r.0);
-            n.max_seq = rows.last().map_or(0, |r| r.0);
+            n.regressions = self.regressions.get(&node_id).copied().unwrap_or(0);
+            n.min_seq = rows.iter().map(|r| r.1).min().unwrap_or(0);
+            n.max_seq = rows.iter().map(|r| r.1).max().unwrap_or(0);
             n.buffers = markers.map_or(0, |m| m.len() as u64);
-            let high_water = self.high_water.get(&node_id).copied();
-            let mut missing_below_high_water = false;
-            let mut prev: Option<i64> = None;
-            for (seq, family) in &rows {
-                match family {
-                    Family::Filtered => n.filtered += 1,
-                    Family::Rejected => n.rejected += 1,
-                    Family::Deadletter => n.deadletter += 1,
-                    Family::Aggregated => {}
-                }
-                match prev {
-                    Some(p) if p == *seq => {
-                        n.duplicate_count += 1;
-                        if n.duplicates.last() != Some(seq) && n.duplicates.len() < LIST_LIMIT {
-                            n.duplicates.push(*seq);
-                        }
-                        continue;
-                    }
-                    Some(p) if *seq > p + 1 && !markers.is_some_and(|m| m.contains(seq)) => {
-                        n.missing_count += (*seq - p - 1) as u64;
-                        missing_below_high_water |= high_water.is_some_and(|(hw, _)| p + 1 < hw);
-                        if n.missing.len() < LIST_LIMIT {
-                            n.missing.push([p + 1, seq - 1]);
-                        }
-                    }
-                    _ => {}
-                }
-                n.records += 1;
-                prev = Some(*seq);
+            n.epochs = epochs.len() as u64;
+            // Each epoch's rows are contiguous in `rows` (sorted by epoch, then seq).
+            let mut spans: Vec<std::ops::Range<usize>> = Vec::with_capacity(epochs.len());
+            let mut at = 0;
+            for e in 0..epochs.len() as u32 {
+                let len = rows[at..].iter().take_while(|r| r.0 == e).count();
+                spans.push(at..at + len);
+                at += len;
             }
-            if let Some((hw, at)) = high_water {
+            let ranges: Vec<(i64, i64)> = spans
+                .iter()
+                .map(|r| (rows.get(r.start).map_or(0, |x| x.1), rows.get(r.end.wrapping_sub(1)).map_or(0, |x| x.1)))
+                .collect();
+            let lines = lineages(&ranges);
+            n.lineages = lines.len() as u64;
+            let marks = self.high_water.get(&node_id);
+            // The node's newest marker (by time) is its report's high-water.
+            let newest = marks.and_then(|m| m.iter().max_by_key(|(_, mark)| **mark)).map(|(e, mark)| (*e, *mark));
+            let mut missing_below_high_water = false;
+            for line in &lines {
+                // This lineage's newest marker bounds what it proves.
+                let line_hw =
+                    marks.and_then(|m| line.iter().filter_map(|e| m.get(&(*e as u32))).max()).map(|(_, s)| *s);
+                let mut seqs: Vec<(i64, Family)> =
+                    line.iter().flat_map(|&e| rows[spans[e].clone()].iter().map(|r| (r.1, r.2))).collect();
+                seqs.sort_by_key(|r| r.0);
+                let mut prev: Option<i64> = None;
+                for (seq, family) in &seqs {
+                    match family {
+                        Family::Filtered => n.filtered += 1,
+                        Family::Rejected => n.rejected += 1,
+                        Family::Deadletter => n.deadletter += 1,
+                        Family::Aggregated => {}
+                    }
+                    match prev {
+                        // Within a lineage a `seq` belongs to one epoch; the same epoch twice is
+                        // a copy (epochs of one lineage never overlap).
+                        Some(p) if p == *seq => {
+                            n.duplicate_count += 1;
+                            if n.duplicates.last() != Some(seq) && n.duplicates.len() < LIST_LIMIT {
+                                n.duplicates.push(*seq);
+                            }
+                            continue;
+                        }
+                        Some(p) if *seq > p + 1 && !markers.is_some_and(|m| m.contains(seq)) => {
+                            n.missing_count += (*seq - p - 1) as u64;
+                            missing_below_high_water |= line_hw.is_some_and(|hw| p + 1 < hw);
+                            if n.missing.len() < LIST_LIMIT {
+                                n.missing.push([p + 1, seq - 1]);
+                            }
+                        }
+                        _ => {}
+                    }
+                    n.records += 1;
+                    if line_hw.is_some_and(|hw| *seq > hw) {
+                        n.after_high_water += 1;
+                    }
+                    prev = Some(*seq);
+                }
+            }
+            if let Some((_, (at, hw))) = newest {
                 n.high_water_seq = Some(hw);
                 n.high_water_at = chrono::DateTime::from_timestamp_millis(at)
                     .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
-                // The gap check above covers everything up to the marker, which is itself a row.
+                // The gap check above covers everything up to each marker, itself a row.
                 n.complete = !missing_below_high_water;
-                n.after_high_water = rows.iter().filter(|(s, _)| *s > hw).count() as u64;
                 n.stale = matches!((expect.max_marker_age_ms, newest_marker_ms), (Some(age), Some(newest)) if newest - at > age);
             } else {
                 // No marker at all: nothing proves the tail; stale when markers are expected.
@@ -498,6 +623,16 @@ impl Report {
                 let _ =
                     writeln!(out, "    {} records after the newest marker (tail not yet proven)", n.after_high_water);
             }
+            if n.lineages > 1 {
+                let _ = writeln!(
+                    out,
+                    "    {} epochs in {} lineages: a restored or copied buffer, or two agents with this node_id",
+                    n.epochs, n.lineages
+                );
+            }
+            if n.regressions > 0 {
+                let _ = writeln!(out, "    {} records dead-lettered as seq_regression (a seq reused)", n.regressions);
+            }
             if n.stale {
                 let _ = writeln!(
                     out,
@@ -566,6 +701,7 @@ mod tests {
             humidity: 50.0,
             status: "OK",
             node_id: node,
+            epoch: None,
             seq,
             reason: None,
         }
@@ -576,6 +712,7 @@ mod tests {
         let reason: &'static str = Box::leak(reason.to_owned().into_boxed_str());
         DeadLetterRow {
             node_id: Some(node),
+            epoch: None,
             seq: Some(seq),
             reason,
             payload: b"x",
@@ -618,6 +755,53 @@ mod tests {
         assert_eq!(n.missing, vec![[12, 19]], "6..=9 precede a buffer_created marker");
         assert_eq!(n.missing_count, 8);
         assert_eq!((n.min_seq, n.max_seq), (1, 20));
+    }
+
+    /// Issue 10, class 7: a restored buffer (or a second agent with the node's name) reuses
+    /// `seq`s under a new epoch. Per node alone, its records looked like duplicates of the
+    /// first writer's and hid its gaps; per epoch and lineage, each writer is checked.
+    #[test]
+    fn epochs_that_overlap_are_checked_as_lineages_of_their_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = Collector::default();
+        c.object(
+            "f",
+            Family::Filtered,
+            file(dir.path(), Family::Filtered, |f| {
+                // Run a: 1..=5; run b continues the same buffer: 6..=8.
+                for (seq, epoch) in (1..=5).map(|s| (s, "a")).chain((6..=8).map(|s| (s, "b"))) {
+                    f.push_reading(&ReadingRow { epoch: Some(epoch), ..reading("n", seq, "d", T, 1.0) }).expect("push");
+                }
+                // Run c, a restored copy: 4..=9 again, with 7 lost and 9 twice.
+                for seq in [4, 5, 6, 8, 9, 9] {
+                    f.push_reading(&ReadingRow { epoch: Some("c"), ..reading("n", seq, "d", T, 1.0) }).expect("push");
+                }
+            }),
+        );
+        c.object(
+            "d",
+            Family::Deadletter,
+            file(dir.path(), Family::Deadletter, |f| {
+                f.push_deadletter(&DeadLetterRow { epoch: Some("b"), ..high_water("n", 9, T) }).expect("push");
+                let regression = DeadLetterRow { epoch: Some("b"), seq: None, ..dead("n", 0, SEQ_REGRESSION) };
+                f.push_deadletter(&regression).expect("push");
+            }),
+        );
+        let r = c.report("b", "p");
+        let n = &r.nodes[0];
+        assert_eq!((n.epochs, n.lineages, n.regressions), (3, 2, 1));
+        assert_eq!((n.records, n.duplicates.clone(), n.missing.clone()), (14, vec![9], vec![[7, 7]]));
+        assert!(n.complete, "lineage a-b is complete through its marker");
+        assert_eq!((r.totals.missing, r.totals.duplicates, r.totals.regressions), (1, 1, 1));
+        assert!(!r.ok);
+        assert_eq!(r.unattributed_deadletters, 0, "a regression is the node's, not unattributed");
+    }
+
+    #[test]
+    fn lineages_chain_epochs_that_follow_each_other() {
+        assert_eq!(lineages(&[(1, 5), (6, 8), (4, 9)]), vec![vec![0, 1], vec![2]]);
+        assert_eq!(lineages(&[(10, 20), (1, 5), (21, 30), (6, 9)]), vec![vec![1, 3, 0, 2]]);
+        assert_eq!(lineages(&[]), Vec::<Vec<usize>>::new());
     }
 
     fn high_water(node: &str, seq: i64, at: i64) -> DeadLetterRow<'static> {

@@ -82,6 +82,7 @@ fn reading(seq: i64, t: i64, temperature: f64) -> ReadingRow<'static> {
         humidity: 40.0,
         status: "OK",
         node_id: "pve-1",
+        epoch: None,
         seq,
         reason: None,
     }

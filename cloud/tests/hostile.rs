@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use arrow_array::cast::AsArray;
 use common::*;
 use edgeflow_aggregator::Stages;
+use edgeflow_contract::RESEND_HEADER;
 use edgeflow_testkit::kafka;
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
@@ -281,6 +282,93 @@ async fn an_unreadable_checkpoint_halts_its_partition_and_commits_nothing() -> R
         "the committed offset did not move"
     );
     Ok(())
+}
+
+/// Class 7: a node's records whose `seq`s fall below what an earlier buffer of the node took
+/// (a restored copy of buffer.redb here; a clock behind or a second agent with the same
+/// `node_id` alike) were dropped as duplicates of that buffer's, silently. With epochs, they
+/// flow; a marked re-send is a duplicate, an unmarked reuse of a `seq` a loud regression, and
+/// two agents writing as one node are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn seqs_below_an_earlier_epoch_flow_and_a_regression_is_loud() -> Result<()> {
+    init_logging();
+    let env = Env::start(1).await?;
+    let port = edgeflow_testkit::free_port();
+    let listen = format!("\"127.0.0.1:{port}\"");
+    let agg = Running::start(env.settings("a", &[("metrics.listen", &listen)])?, Stages::Both);
+    let p = producer(&env.bootstrap())?;
+    let mut records = Vec::new();
+    // Run "a1" of n0 took 5..=12; the restored copy (run "b2") assigns 8..=10 again.
+    for seq in 5..=12u64 {
+        let t = at(0, seq as i64);
+        records.push((0, "d0", raw_in("d0", t, 20.0, 40.0, "n0", "a1", seq), t));
+    }
+    for seq in 8..=10u64 {
+        let t = at(1, seq as i64);
+        records.push((0, "d0", raw_in("d0", t, 30.0, 40.0, "n0", "b2", seq), t));
+    }
+    // Two agents configured as n1 (runs "c3" and "d4"), interleaved.
+    for (i, (epoch, seq)) in [("c3", 100u64), ("d4", 100), ("c3", 101), ("d4", 101)].into_iter().enumerate() {
+        let t = at(2, i as i64);
+        records.push((0, "d1", raw_in("d1", t, 25.0, 40.0, "n1", epoch, seq), t));
+    }
+    produce_at(&p, RAW, &records).await?;
+    // A marked re-send of a1's 7, and an unmarked reuse of a1's 11 with other content.
+    let resend = OwnedHeaders::new().insert(Header { key: RESEND_HEADER, value: Some("1") });
+    for (value, headers) in [
+        (raw_in("d0", at(0, 7), 20.0, 40.0, "n0", "a1", 7), Some(resend)),
+        (raw_in("d0", at(2, 30), 99.0, 40.0, "n0", "a1", 11), None),
+    ] {
+        let mut r = FutureRecord::to(RAW).partition(0).key("d0").payload(&value).timestamp(at(2, 30));
+        if let Some(h) = headers {
+            r = r.headers(h);
+        }
+        p.send(r, Duration::from_secs(30)).await.map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+    }
+    // Seal hour 10 with a node of its own, so n0's lineages stay as above.
+    let seal =
+        [(at(60, 30), 1), (at(62, 0), 2)].map(|(t, seq)| (0, "d9", raw_in("d9", t, 22.0, 40.0, "s", "e5", seq), t));
+    produce_at(&p, RAW, &seal).await?;
+    let keys = hour_10_sealed(&env).await?;
+
+    let f = env.parquet(&key_of(&keys, "filtered", "processed-data-0")).await?;
+    let mut n0: Vec<i64> = strings(&f, "NodeId")
+        .into_iter()
+        .zip(ints(&f, "Seq"))
+        .filter(|(n, _)| n.as_deref() == Some("n0"))
+        .map(|(_, s)| s)
+        .collect();
+    n0.sort_unstable();
+    assert_eq!(n0, vec![5, 6, 7, 8, 8, 9, 9, 10, 10, 11, 12], "both runs of n0, each once");
+    let rows: Vec<(Option<String>, Option<String>, i64)> = strings(&f, "NodeId")
+        .into_iter()
+        .zip(strings(&f, "Epoch"))
+        .zip(ints(&f, "Seq"))
+        .map(|((n, e), s)| (n, e, s))
+        .filter(|(n, _, _)| n.as_deref() != Some("s"))
+        .collect();
+    let of = |node: &str, epoch: &str| -> Vec<i64> {
+        rows.iter().filter(|(n, e, _)| n.as_deref() == Some(node) && e.as_deref() == Some(epoch)).map(|r| r.2).collect()
+    };
+    assert_eq!(of("n0", "a1"), (5..=12).collect::<Vec<_>>());
+    assert_eq!(of("n0", "b2"), vec![8, 9, 10], "the restored buffer's records are all there");
+    assert_eq!((of("n1", "c3"), of("n1", "d4")), (vec![100, 101], vec![100, 101]), "both writers of n1 kept");
+    let d = env.parquet(&key_of(&keys, "deadletter", "processed-data-0")).await?;
+    assert_eq!(strings(&d, "Reason"), vec![Some("seq_regression".into())]);
+    assert_eq!((strings(&d, "NodeId"), strings(&d, "Epoch")), (vec![Some("n0".into())], vec![Some("a1".into())]));
+    let (_, text) = http_get(port, "/metrics").await?;
+    let get = |series: &str| metric(&text, series).unwrap_or(-1.0);
+    assert_eq!(get("edgeflow_aggregator_deadletters_total{reason=\"seq_regression\"}"), 1.0, "{text}");
+    assert_eq!(get("edgeflow_aggregator_duplicates_dropped_total{stage=\"process\"}"), 1.0, "{text}");
+    assert_eq!(get("edgeflow_aggregator_node_writer_conflicts_total"), 2.0, "{text}");
+
+    let report = verify(&env).await?;
+    assert!(report.ok, "{}", report.render());
+    let n0 = report.nodes.iter().find(|n| n.node_id == "n0").context("n0")?;
+    assert_eq!((n0.records, n0.epochs, n0.lineages, n0.regressions), (11, 2, 2, 1));
+    let n1 = report.nodes.iter().find(|n| n.node_id == "n1").context("n1")?;
+    assert_eq!((n1.records, n1.lineages, n1.duplicate_count), (4, 2, 0));
+    agg.stop().await
 }
 
 /// Every tenth value on raw-data is hostile, in every way above, across two partitions: every

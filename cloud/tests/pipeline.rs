@@ -290,6 +290,7 @@ mod emit {
             humidity: 50.0,
             status: "OK".into(),
             node_id: "n0".into(),
+            epoch: None,
             seq,
         })
         .to_json()
@@ -312,6 +313,7 @@ mod emit {
             reason: "bad_json".into(),
             detail: "x".into(),
             node_id: None,
+            epoch: None,
             seq: None,
             received_at_ms: t,
             payload: Cow::Borrowed(b"{"),

@@ -18,7 +18,7 @@ pub mod record;
 
 pub use deadletter::{DeadLetter, MarkerKind};
 pub use reading::{Limits, MAX_ABS_NUMBER, Reading, RejectReason, Rejection, TimeBounds};
-pub use record::{MAX_EPOCH_BYTES, Provenance, RawRecord, is_valid_epoch};
+pub use record::{MAX_EPOCH_BYTES, Provenance, RESEND_HEADER, RawRecord, is_valid_epoch};
 
 /// Default Kafka topic names. Operators may rename them in configuration.
 pub mod topics {

@@ -33,6 +33,12 @@ pub struct Provenance<'a> {
     pub seq: u64,
 }
 
+/// The Kafka header the agent sets (value `1`) on an entry it may have handed to Kafka before
+/// (committed by an earlier run, or sent again after a failed delivery). Downstream drops a
+/// record at or below its epoch's high-water as a duplicate only when it carries this mark;
+/// unmarked, it is a regression of the producer's `seq` and is dead-lettered.
+pub const RESEND_HEADER: &str = "edgeflow-resend";
+
 /// Longest accepted `epoch`.
 pub const MAX_EPOCH_BYTES: usize = 32;
 

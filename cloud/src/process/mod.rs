@@ -57,7 +57,7 @@ use crate::kafka::{
 use crate::metrics::{Metrics, ProcessCounters, Stage, StageLabels};
 use crate::processed::Processed;
 use acks::{AckTracker, OutputContext};
-use window::{Dest, Emitted, OutcomeKind, Processor, Rules, WindowState};
+use window::{Dest, Emitted, OutcomeKind, Processor, RESEND_HEADER, Rules, WindowState};
 
 /// Why the stage stopped.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +73,9 @@ pub enum ProcessError {
 
 /// How long a partition may wait for an expected record before stepping back (see [`Cursor`]).
 const STALL: Duration = Duration::from_secs(2);
+/// At most one "two agents write as one node_id" warning per partition this often (the counter
+/// counts every one).
+const CONFLICT_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What a partition is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +99,7 @@ struct Slot {
     dirty: bool,
     checkpoint_in_flight: bool,
     last_checkpoint: Instant,
+    last_conflict_log: Option<Instant>,
     last_input: Instant,
     tick_sent: Option<Instant>,
     /// Where the next record must come from (see [`Cursor`]).
@@ -247,6 +251,7 @@ impl ProcessStage {
                                 dirty: false,
                                 checkpoint_in_flight: false,
                                 last_checkpoint: Instant::now(),
+                                last_conflict_log: None,
                                 last_input: Instant::now(),
                                 tick_sent: None,
                                 token: CancellationToken::new(),
@@ -377,7 +382,24 @@ impl ProcessStage {
                 let c = &self.counters;
                 c.consumed.inc();
                 let value = m.payload().unwrap_or_default();
-                let outcome = slot.processor.record(offset, value, kafka::timestamp_ms(m), &mut emitted);
+                let resend = kafka::has_header(m, RESEND_HEADER);
+                let outcome = slot.processor.record(offset, value, kafka::timestamp_ms(m), resend, &mut emitted);
+                if outcome.writer_conflict {
+                    c.writer_conflicts.inc();
+                    if let Some(conflict) = slot.processor.take_conflict()
+                        && slot.last_conflict_log.is_none_or(|at| at.elapsed() >= CONFLICT_LOG_EVERY)
+                    {
+                        slot.last_conflict_log = Some(Instant::now());
+                        tracing::warn!(
+                            partition = p,
+                            offset,
+                            node_id = %conflict.node_id,
+                            epoch = %conflict.epoch,
+                            other_epoch = %conflict.other,
+                            "two agents write as one node_id (their epochs' records interleave); both are kept, but give each node its own node_id"
+                        );
+                    }
+                }
                 match outcome.kind {
                     OutcomeKind::Filtered => {
                         c.filtered.inc();

@@ -16,12 +16,26 @@
 //!    A dead letter carries at most [`DEADLETTER_PAYLOAD_MAX`] bytes of the value (and its size),
 //!    so it always fits a Kafka message. **Nothing refused changes the state** (high-waters,
 //!    clock, windows): one forged value cannot hide the records that follow it.
-//! 2. **Dedup** on `(node_id, seq)`: `high[node]` is the largest `seq` seen; `seq <= high` is a
-//!    duplicate, dropped without output. Exact, without a per-record set, because the agent keys
+//! 2. **Dedup** on `(node_id, epoch, seq)`: per node and epoch (the agent run that committed the
+//!    record), the largest `seq` taken. Exact, without a per-record set, because the agent keys
 //!    by `device_id` with a deterministic partitioner and produces a node's records in `seq`
-//!    order with an idempotent, gapless producer: the first copy of each of a node's records
-//!    reaches a partition in increasing `seq` order, and any later copy (an agent resend after a
-//!    crash) has a `seq` at or below what the partition already carried.
+//!    order with an idempotent, gapless producer: the first copy of each record of an epoch
+//!    reaches a partition in increasing `seq` order, and any later copy (a re-send after a crash
+//!    or a failed delivery) has a `seq` at or below what the partition already carried — and the
+//!    agent marks it with the [`RESEND_HEADER`] header, because it knows what it may have sent
+//!    before. So a record at or below its epoch's high-water is
+//!    * marked: a **duplicate**, dropped without output (counted);
+//!    * not marked: a **regression** — a producer reusing `seq`s of an epoch with other content
+//!      (a forged or buggy writer, a process rolled back in memory). It is a dead letter
+//!      `seq_regression` with its node and epoch (no `seq`: the one it claims is taken), never a
+//!      silent drop; an alert watches the counter.
+//!
+//!    A new epoch has no high-water, so a restored or copied buffer, a second agent with the
+//!    same `node_id` or a new buffer whose clock-based `seq` starts below an old one loses
+//!    nothing. When an epoch that another one had superseded on a partition takes a record
+//!    again, two agents are writing as one node: the records flow, and the conflict is counted
+//!    and logged. Records of agents older than epochs (`epoch: None`) keep the per-node
+//!    high-water of before (`high`), where any copy at or below it is a duplicate.
 //! 3. **Filter**: `status != "OK"` → `rejected` (`status_not_ok`); else `temperature >
 //!    temperature_max` → `rejected` (`temperature_above_max`); else `filtered`. Rejected readings
 //!    do not enter windows.
@@ -38,7 +52,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use edgeflow_contract::{Limits, RawRecord, RejectReason};
+use edgeflow_contract::{Limits, Provenance, RawRecord, RejectReason};
 use serde::{Deserialize, Serialize};
 
 use crate::processed::{AggregateOut, DeadLetterOut, FilterReason, Processed, ReadingOut, Source, Sums};
@@ -69,16 +83,60 @@ impl Default for Rules {
     }
 }
 
-/// Everything a replay needs to continue exactly: small (nodes, open windows), so it travels
-/// whole in each checkpoint.
+/// Everything a replay needs to continue exactly: small (nodes, epochs, open windows), so it
+/// travels whole in each checkpoint.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct WindowState {
-    /// Largest `seq` seen per node.
+    /// Largest `seq` seen per node, for records without an epoch (agents older than epochs).
     pub high: BTreeMap<String, u64>,
+    /// Per node, the dedup state of its epochs (absent from checkpoints of older versions).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub epochs: BTreeMap<String, NodeEpochs>,
     /// Largest event time seen (records and ticks).
     pub max_event_ms: Option<i64>,
     /// Open windows by start.
     pub windows: BTreeMap<i64, OpenWindow>,
+}
+
+/// Most epochs remembered per node and partition; beyond it the one that advanced longest ago is
+/// forgotten. An agent run takes one epoch, and re-sends come only from the runs whose entries
+/// are still in its buffer, so this covers 64 restarts between two deliveries.
+pub const MAX_EPOCHS_PER_NODE: usize = 64;
+
+/// A node's epochs on one partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEpochs {
+    /// The epoch of the newest record taken.
+    pub current: String,
+    /// Per epoch: the largest `seq` taken and the raw offset of that record (for eviction).
+    pub high: BTreeMap<String, EpochHigh>,
+}
+
+/// An epoch's high-water: `[seq, offset]` in JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochHigh(pub u64, pub i64);
+
+/// How dedup classified a valid record.
+enum Dedup {
+    /// New: taken; `conflict` when it shows two writers of its node.
+    Take {
+        conflict: bool,
+    },
+    Duplicate,
+    /// At or below `high` of its epoch without the re-send mark.
+    Regression {
+        high: u64,
+    },
+}
+
+/// Two agents writing as one node: seen on a partition when an epoch that another had
+/// superseded takes a record again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriterConflict {
+    pub node_id: String,
+    /// The epoch that took the record, and the one it took over from.
+    pub epoch: String,
+    pub other: String,
 }
 
 /// The accumulators of one open minute.
@@ -121,6 +179,8 @@ pub struct Outcome {
     pub device_windows: u32,
     /// All-devices partials emitted by closing windows.
     pub partial_windows: u32,
+    /// The record showed two agents writing as one node ([`Processor::take_conflict`]).
+    pub writer_conflict: bool,
 }
 
 /// How an input was classified.
@@ -142,6 +202,8 @@ pub struct Processor {
     rules: Rules,
     limits: Limits,
     state: WindowState,
+    /// The newest writer conflict, for the caller to report (not state: replay finds it again).
+    conflict: Option<WriterConflict>,
 }
 
 /// The provenance fields of a value that failed validation, when they can still be read.
@@ -156,7 +218,12 @@ struct LooseProvenance<'a> {
 impl Processor {
     /// A processor for raw partition `partition`, starting from `state`.
     pub fn new(partition: i32, rules: Rules, state: WindowState) -> Self {
-        Self { partition, rules, limits: Limits::default(), state }
+        Self { partition, rules, limits: Limits::default(), state, conflict: None }
+    }
+
+    /// The newest writer conflict since the last call.
+    pub fn take_conflict(&mut self) -> Option<WriterConflict> {
+        self.conflict.take()
     }
 
     pub fn state(&self) -> &WindowState {
@@ -173,7 +240,8 @@ impl Processor {
     }
 
     /// Applies one raw-data record at `offset`; `kafka_timestamp_ms` is the broker's timestamp
-    /// (a dead letter's time, and the bound on how far ahead an event time may be).
+    /// (a dead letter's time, and the bound on how far ahead an event time may be); `resend`
+    /// whether it carries the agent's [`RESEND_HEADER`] mark.
     ///
     /// Only a valid record touches the state: a value that does not parse, a `seq` beyond the
     /// signed 64-bit range or an event time too far ahead of the broker's timestamp becomes a
@@ -184,6 +252,7 @@ impl Processor {
         offset: i64,
         value: &'a [u8],
         kafka_timestamp_ms: Option<i64>,
+        resend: bool,
         out: &mut Vec<Emitted<'a>>,
     ) -> Outcome {
         let source = Source { partition: self.partition, offset };
@@ -195,7 +264,14 @@ impl Processor {
                 if let Some(p) = RawRecord::refused_provenance(value, &rejection, &self.limits) {
                     // A well-formed record a rule refuses (a number out of range): provenance.
                     let (node, seq) = (Some(p.node_id), Some(p.seq));
-                    out.push(dead_letter(source, reason, rejection.detail, node, seq, received_at_ms, value));
+                    out.push(dead_letter(
+                        source,
+                        reason,
+                        rejection.detail,
+                        (node, p.epoch, seq),
+                        received_at_ms,
+                        value,
+                    ));
                     return Outcome { kind: OutcomeKind::DeadLetter(reason), ..Outcome::default() };
                 }
                 // What an invalid value claims as provenance is not provenance: it goes into the
@@ -214,7 +290,7 @@ impl Processor {
                         node_id.as_deref().map(|n| n.chars().take(self.limits.max_device_id_bytes).collect::<String>());
                     detail.push_str(&format!(" (claims node_id {node:?}, seq {seq:?})"));
                 }
-                out.push(dead_letter(source, reason, detail, None, None, received_at_ms, value));
+                out.push(dead_letter(source, reason, detail, (None, None, None), received_at_ms, value));
                 return Outcome { kind: OutcomeKind::DeadLetter(reason), ..Outcome::default() };
             }
         };
@@ -238,13 +314,30 @@ impl Processor {
             None
         };
         if let Some((reason, detail)) = refused {
-            let node = Some(record.provenance.node_id);
-            out.push(dead_letter(source, reason, detail, node, Some(seq), received_at_ms, value));
+            let Provenance { node_id, epoch, .. } = record.provenance;
+            out.push(dead_letter(source, reason, detail, (Some(node_id), epoch, Some(seq)), received_at_ms, value));
             return Outcome { kind: OutcomeKind::DeadLetter(reason), ..Outcome::default() };
         }
-        if self.is_duplicate(&record.provenance.node_id, seq) {
-            return Outcome { kind: OutcomeKind::Duplicate, ..Outcome::default() };
-        }
+        let writer_conflict = match self.dedup(&record.provenance, resend, offset) {
+            Dedup::Take { conflict } => conflict,
+            Dedup::Duplicate => return Outcome { kind: OutcomeKind::Duplicate, ..Outcome::default() },
+            Dedup::Regression { high } => {
+                let Provenance { node_id, epoch, .. } = record.provenance;
+                let detail = format!(
+                    "seq {seq} is at or below {high}, the highest seq of epoch {} of node {node_id:?} on this partition, and is not marked as a re-send",
+                    epoch.as_deref().unwrap_or("-")
+                );
+                out.push(dead_letter(
+                    source,
+                    SEQ_REGRESSION,
+                    detail,
+                    (Some(node_id), epoch, None),
+                    received_at_ms,
+                    value,
+                ));
+                return Outcome { kind: OutcomeKind::DeadLetter(SEQ_REGRESSION), ..Outcome::default() };
+            }
+        };
 
         let r = record.reading;
         let reason = if r.status != "OK" {
@@ -268,11 +361,15 @@ impl Processor {
                 humidity,
                 status: r.status,
                 node_id: record.provenance.node_id,
+                epoch: record.provenance.epoch,
                 seq,
             }),
         });
-        let mut outcome =
-            Outcome { kind: reason.map_or(OutcomeKind::Filtered, OutcomeKind::Rejected), ..Outcome::default() };
+        let mut outcome = Outcome {
+            kind: reason.map_or(OutcomeKind::Filtered, OutcomeKind::Rejected),
+            writer_conflict,
+            ..Outcome::default()
+        };
         if reason.is_none() {
             let start = window_start(t);
             let closed = self.state.watermark(&self.rules).is_some_and(|w| start.saturating_add(WINDOW_MS) <= w);
@@ -331,18 +428,66 @@ impl Processor {
         outcome
     }
 
-    fn is_duplicate(&mut self, node: &str, seq: u64) -> bool {
-        match self.state.high.get_mut(node) {
-            Some(high) if seq <= *high => true,
-            Some(high) => {
-                *high = seq;
-                false
+    /// Classifies a valid record and, when it is taken, raises its epoch's high-water.
+    fn dedup(&mut self, p: &Provenance<'_>, resend: bool, offset: i64) -> Dedup {
+        let (node, seq) = (p.node_id.as_ref(), p.seq);
+        let Some(epoch) = p.epoch.as_deref() else {
+            // An agent older than epochs: any copy at or below the node's high-water is one.
+            return match self.state.high.get_mut(node) {
+                Some(high) if seq <= *high => Dedup::Duplicate,
+                Some(high) => {
+                    *high = seq;
+                    Dedup::Take { conflict: false }
+                }
+                None => {
+                    self.state.high.insert(node.to_owned(), seq);
+                    Dedup::Take { conflict: false }
+                }
+            };
+        };
+        let Some(n) = self.state.epochs.get_mut(node) else {
+            let n = NodeEpochs {
+                current: epoch.to_owned(),
+                high: BTreeMap::from([(epoch.to_owned(), EpochHigh(seq, offset))]),
+            };
+            self.state.epochs.insert(node.to_owned(), n);
+            return Dedup::Take { conflict: false };
+        };
+        let known = match n.high.get_mut(epoch) {
+            Some(h) if seq <= h.0 => {
+                return if resend { Dedup::Duplicate } else { Dedup::Regression { high: h.0 } };
+            }
+            Some(h) => {
+                *h = EpochHigh(seq, offset);
+                true
             }
             None => {
-                self.state.high.insert(node.to_owned(), seq);
+                n.high.insert(epoch.to_owned(), EpochHigh(seq, offset));
+                if n.high.len() > MAX_EPOCHS_PER_NODE {
+                    let oldest = n
+                        .high
+                        .iter()
+                        .filter(|(e, _)| e.as_str() != epoch && **e != n.current)
+                        .min_by_key(|(_, h)| h.1)
+                        .map(|(e, _)| e.clone());
+                    if let Some(oldest) = oldest {
+                        n.high.remove(&oldest);
+                    }
+                }
                 false
             }
+        };
+        if n.current == epoch {
+            return Dedup::Take { conflict: false };
         }
+        // A new epoch takes over (an agent restart); a known one taking a record again after
+        // another took over means two writers of one node.
+        let other = std::mem::replace(&mut n.current, epoch.to_owned());
+        if !known {
+            return Dedup::Take { conflict: false };
+        }
+        self.conflict = Some(WriterConflict { node_id: node.to_owned(), epoch: epoch.to_owned(), other });
+        Dedup::Take { conflict: true }
     }
 
     fn advance<'a>(&mut self, source: Source, t: i64, out: &mut Vec<Emitted<'a>>, outcome: &mut Outcome) {
@@ -390,6 +535,12 @@ impl Processor {
 /// Dead-letter reason for a `seq` beyond the signed 64-bit range.
 pub const SEQ_OUT_OF_RANGE: &str = "seq_out_of_range";
 
+/// The dead-letter reason of a record at or below its epoch's high-water that is not marked as a
+/// re-send (see the module doc).
+pub const SEQ_REGRESSION: &str = "seq_regression";
+
+pub use edgeflow_contract::RESEND_HEADER;
+
 /// The most of a refused value a dead letter carries: every valid record is smaller
 /// ([`Limits::max_payload_bytes`]), and a dead letter must fit a Kafka message whatever the
 /// producer of the raw value sent (a value near the broker's limit would otherwise make a dead
@@ -401,8 +552,7 @@ fn dead_letter<'a>(
     source: Source,
     reason: &'static str,
     mut detail: String,
-    node_id: Option<Cow<'a, str>>,
-    seq: Option<u64>,
+    (node_id, epoch, seq): (Option<Cow<'a, str>>, Option<Cow<'a, str>>, Option<u64>),
     received_at_ms: i64,
     value: &'a [u8],
 ) -> Emitted<'a> {
@@ -420,6 +570,7 @@ fn dead_letter<'a>(
             reason: Cow::Borrowed(reason),
             detail: Cow::Owned(detail),
             node_id,
+            epoch,
             seq: seq.filter(|s| i64::try_from(*s).is_ok()),
             received_at_ms,
             payload: Cow::Borrowed(payload),
@@ -435,13 +586,119 @@ mod tests {
     const T0: i64 = 1_735_207_200_000; // 2024-12-26T10:00:00Z
 
     fn raw(device: &str, t: i64, temperature: f64, status: &str, node: &str, seq: u64) -> Vec<u8> {
+        raw_in(device, t, temperature, status, node, None, seq)
+    }
+
+    /// A raw record of `epoch` (`None`: an agent older than epochs).
+    fn raw_in(
+        device: &str,
+        t: i64,
+        temperature: f64,
+        status: &str,
+        node: &str,
+        epoch: Option<&str>,
+        seq: u64,
+    ) -> Vec<u8> {
         let ts = chrono::DateTime::from_timestamp_millis(t)
             .expect("valid time")
             .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let epoch = epoch.map(|e| format!(r#""epoch":"{e}","#)).unwrap_or_default();
         format!(
-            r#"{{"device_id":"{device}","timestamp":"{ts}","temperature":{temperature},"humidity":50,"status":"{status}","node_id":"{node}","seq":{seq}}}"#
+            r#"{{"device_id":"{device}","timestamp":"{ts}","temperature":{temperature},"humidity":50,"status":"{status}","node_id":"{node}",{epoch}"seq":{seq}}}"#
         )
         .into_bytes()
+    }
+
+    /// Issue 10, class 7: a node's new buffer (a clock behind, a restored copy, a second agent
+    /// with its name) starts below the old high-water. Keyed on (node, seq), its records were
+    /// all dropped as duplicates; per epoch they flow.
+    #[test]
+    fn a_new_epoch_below_the_old_high_water_loses_nothing() {
+        let mut p = Processor::new(0, rules(), WindowState::default());
+        for seq in 1_000..1_005 {
+            let v = raw_in("a", T0, 10.0, "OK", "n", Some("old"), seq);
+            assert_eq!(p.record(seq as i64, &v, Some(T0), false, &mut Vec::new()).kind, OutcomeKind::Filtered);
+        }
+        for seq in 10..15 {
+            let v = raw_in("a", T0, 10.0, "OK", "n", Some("new"), seq);
+            let o = p.record(2_000 + seq as i64, &v, Some(T0), false, &mut Vec::new());
+            assert_eq!((o.kind, o.writer_conflict), (OutcomeKind::Filtered, false), "seq {seq}");
+        }
+        let n = &p.state().epochs["n"];
+        assert_eq!((n.current.as_str(), n.high["old"].0, n.high["new"].0), ("new", 1_004, 14));
+    }
+
+    /// A copy at or below its epoch's high-water is a duplicate only when the agent marked it
+    /// as a possible re-send; unmarked it is a regression: a dead letter, loud, state unchanged.
+    #[test]
+    fn a_marked_copy_is_a_duplicate_and_an_unmarked_one_a_regression() {
+        let mut p = Processor::new(0, rules(), WindowState::default());
+        for seq in 1..=3 {
+            p.record(seq, &raw_in("a", T0, 10.0, "OK", "n", Some("e"), seq as u64), Some(T0), false, &mut Vec::new());
+        }
+        let before = p.state().clone();
+        let resent = raw_in("a", T0, 10.0, "OK", "n", Some("e"), 2);
+        assert_eq!(p.record(4, &resent, Some(T0), true, &mut Vec::new()).kind, OutcomeKind::Duplicate);
+        let other = raw_in("a", T0, 99.0, "OK", "n", Some("e"), 3);
+        let mut out = Vec::new();
+        assert_eq!(p.record(5, &other, Some(T0), false, &mut out).kind, OutcomeKind::DeadLetter(SEQ_REGRESSION));
+        let Processed::DeadLetter(d) = &out[0].value else { panic!("expected a dead letter") };
+        assert_eq!((d.node_id.as_deref(), d.epoch.as_deref(), d.seq), (Some("n"), Some("e"), None));
+        assert!(d.detail.contains("seq 3") && d.detail.contains("not marked"), "{}", d.detail);
+        assert_eq!(p.state(), &before);
+        // A marked record above the high-water is new (its first delivery was lost): taken.
+        let later = raw_in("a", T0, 10.0, "OK", "n", Some("e"), 4);
+        assert_eq!(p.record(6, &later, Some(T0), true, &mut Vec::new()).kind, OutcomeKind::Filtered);
+        // Records of agents older than epochs keep the old rule: any copy is a duplicate.
+        p.record(7, &raw("a", T0, 10.0, "OK", "old", 9), Some(T0), false, &mut Vec::new());
+        assert_eq!(
+            p.record(8, &raw("a", T0, 11.0, "OK", "old", 9), Some(T0), false, &mut Vec::new()).kind,
+            OutcomeKind::Duplicate
+        );
+    }
+
+    /// Two agents configured with one node_id: both flow, and the interleaving is reported;
+    /// a restart (a new epoch taking over for good) is not.
+    #[test]
+    fn interleaved_epochs_of_one_node_are_a_writer_conflict() {
+        let mut p = Processor::new(0, rules(), WindowState::default());
+        let mut conflicts = Vec::new();
+        let seqs = [("a", 100), ("a", 101), ("b", 100), ("a", 102), ("b", 101), ("c", 200), ("c", 201)];
+        for (i, (epoch, seq)) in seqs.into_iter().enumerate() {
+            let o = p.record(
+                i as i64,
+                &raw_in("d", T0, 1.0, "OK", "n", Some(epoch), seq),
+                Some(T0),
+                false,
+                &mut Vec::new(),
+            );
+            assert_eq!(o.kind, OutcomeKind::Filtered);
+            conflicts.push(o.writer_conflict);
+        }
+        assert_eq!(conflicts, [false, false, false, true, true, false, false]);
+        let c = p.take_conflict().expect("a conflict");
+        assert_eq!((c.node_id.as_str(), c.epoch.as_str(), c.other.as_str()), ("n", "b", "a"));
+    }
+
+    /// A node's epochs are bounded: the one that advanced longest ago is forgotten.
+    #[test]
+    fn epochs_per_node_are_bounded() {
+        let mut p = Processor::new(0, rules(), WindowState::default());
+        for i in 0..(MAX_EPOCHS_PER_NODE as i64 + 10) {
+            p.record(i, &raw_in("d", T0, 1.0, "OK", "n", Some(&format!("e{i}")), 5), Some(T0), false, &mut Vec::new());
+        }
+        let n = &p.state().epochs["n"];
+        assert_eq!(n.high.len(), MAX_EPOCHS_PER_NODE);
+        assert!(!n.high.contains_key("e0") && n.high.contains_key(&format!("e{}", MAX_EPOCHS_PER_NODE + 9)));
+    }
+
+    /// A checkpoint written before epochs (`high` only) still restores.
+    #[test]
+    fn a_checkpoint_of_the_previous_version_restores() {
+        let old = br#"{"high":{"pve-1":1735207200000042},"max_event_ms":1735207200000,"windows":{}}"#;
+        let state: WindowState = serde_json::from_slice(old).expect("old checkpoint parses");
+        assert_eq!((state.high["pve-1"], state.epochs.len()), (1_735_207_200_000_042, 0));
+        assert_eq!(serde_json::to_vec(&state).expect("encodes"), old.to_vec(), "and writes the same form back");
     }
 
     fn rules() -> Rules {
@@ -473,18 +730,18 @@ mod tests {
         ];
         let mut out = Vec::new();
         for (i, v) in inputs.iter().enumerate() {
-            p.record(i as i64, v, None, &mut out);
+            p.record(i as i64, v, None, false, &mut out);
         }
         assert!(aggregates(&out).is_empty());
         // 10:01:09.999 - 10s lateness = 10:00:59.999: not yet.
         out.clear();
         let v = raw("c", T0 + 69_999, 40.0, "OK", "n", 4);
-        p.record(3, &v, None, &mut out);
+        p.record(3, &v, None, false, &mut out);
         assert!(aggregates(&out).is_empty());
         // 10:01:10 - 10s = 10:01:00: the first minute closes.
         out.clear();
         let v = raw("c", T0 + 70_000, 50.0, "OK", "n", 5);
-        let outcome = p.record(4, &v, None, &mut out);
+        let outcome = p.record(4, &v, None, false, &mut out);
         assert_eq!(outcome.device_windows, 2);
         assert_eq!(outcome.partial_windows, 1);
         assert_eq!(
@@ -504,16 +761,16 @@ mod tests {
         let mut p = Processor::new(0, rules(), WindowState::default());
         let mut out = Vec::new();
         let a1 = raw("a", T0 + 5_000, 10.0, "OK", "n", 1);
-        p.record(0, &a1, None, &mut out);
+        p.record(0, &a1, None, false, &mut out);
         let a2 = raw("a", T0 + 75_000, 11.0, "OK", "n", 2);
-        p.record(1, &a2, None, &mut out);
+        p.record(1, &a2, None, false, &mut out);
         out.clear();
         // The agent resent seq 1 after a crash: dropped.
-        assert_eq!(p.record(2, &a1, None, &mut out).kind, OutcomeKind::Duplicate);
+        assert_eq!(p.record(2, &a1, None, false, &mut out).kind, OutcomeKind::Duplicate);
         assert!(out.is_empty());
         // A new record for the closed minute: late, corrected, still emitted as a reading.
         let late = raw("b", T0 + 59_000, 12.0, "OK", "n", 3);
-        let outcome = p.record(3, &late, None, &mut out);
+        let outcome = p.record(3, &late, None, false, &mut out);
         assert!(outcome.late);
         assert_eq!(out.len(), 3);
         assert!(matches!(&out[0].value, Processed::Reading(r) if r.seq == 3 && r.reason.is_none()));
@@ -531,7 +788,7 @@ mod tests {
             .map(|(i, (t, seq))| raw("a", t, 10.0 + i as f64, "OK", "n", seq))
             .collect();
         for (i, v) in values.iter().enumerate() {
-            p.record(i as i64, v, None, &mut out);
+            p.record(i as i64, v, None, false, &mut out);
         }
         assert!(aggregates(&out).is_empty(), "nothing closed before 10:01:10");
         out.clear();
@@ -554,9 +811,15 @@ mod tests {
         let bad_status = raw("a", T0, 10.0, "ERROR", "n", 1);
         let hot = raw("a", T0, 100.5, "OK", "n", 2);
         let edge = raw("a", T0, 100.0, "OK", "n", 3);
-        assert_eq!(p.record(0, &bad_status, None, &mut out).kind, OutcomeKind::Rejected(FilterReason::StatusNotOk));
-        assert_eq!(p.record(1, &hot, None, &mut out).kind, OutcomeKind::Rejected(FilterReason::TemperatureAboveMax));
-        assert_eq!(p.record(2, &edge, None, &mut out).kind, OutcomeKind::Filtered);
+        assert_eq!(
+            p.record(0, &bad_status, None, false, &mut out).kind,
+            OutcomeKind::Rejected(FilterReason::StatusNotOk)
+        );
+        assert_eq!(
+            p.record(1, &hot, None, false, &mut out).kind,
+            OutcomeKind::Rejected(FilterReason::TemperatureAboveMax)
+        );
+        assert_eq!(p.record(2, &edge, None, false, &mut out).kind, OutcomeKind::Filtered);
         out.clear();
         p.tick(3, T0 + 200_000, None, &mut out);
         assert_eq!(aggregates(&out), vec![(Some("a".into()), T0, 1, 100.0, false), (None, T0, 1, 100.0, false)]);
@@ -566,15 +829,15 @@ mod tests {
     fn bad_records_become_dead_letters_with_what_can_be_read() {
         let mut p = Processor::new(1, rules(), WindowState::default());
         let mut out = Vec::new();
-        let o = p.record(0, b"\xff not json", Some(T0), &mut out);
+        let o = p.record(0, b"\xff not json", Some(T0), false, &mut out);
         assert_eq!(o.kind, OutcomeKind::DeadLetter("not_utf8"));
         let wrong = br#"{"device_id":"a","timestamp":"2024-12-26T10:00:00Z","temperature":"hot","humidity":1,"status":"OK","node_id":"n","seq":7}"#;
-        assert_eq!(p.record(1, wrong, Some(T0), &mut out).kind, OutcomeKind::DeadLetter("wrong_type"));
+        assert_eq!(p.record(1, wrong, Some(T0), false, &mut out).kind, OutcomeKind::DeadLetter("wrong_type"));
         // The same bad value again is kept again: what an invalid value claims is never trusted
         // (the sink keeps each copy under its own offset).
-        assert_eq!(p.record(2, wrong, Some(T0), &mut out).kind, OutcomeKind::DeadLetter("wrong_type"));
+        assert_eq!(p.record(2, wrong, Some(T0), false, &mut out).kind, OutcomeKind::DeadLetter("wrong_type"));
         let huge_seq = raw("a", T0, 1.0, "OK", "n", u64::MAX);
-        assert_eq!(p.record(3, &huge_seq, Some(T0), &mut out).kind, OutcomeKind::DeadLetter(SEQ_OUT_OF_RANGE));
+        assert_eq!(p.record(3, &huge_seq, Some(T0), false, &mut out).kind, OutcomeKind::DeadLetter(SEQ_OUT_OF_RANGE));
         assert_eq!(out.len(), 4);
         match &out[1].value {
             Processed::DeadLetter(d) => {
@@ -599,7 +862,7 @@ mod tests {
         let mut p = Processor::new(0, rules(), WindowState::default());
         let mut out = Vec::new();
         let first = raw("a", T0 + 1_000, 10.0, "OK", "n", 1);
-        p.record(0, &first, Some(T0), &mut out);
+        p.record(0, &first, Some(T0), false, &mut out);
         let before = p.state().clone();
         let forged_seq = raw("a", T0 + 2_000, 10.0, "OK", "n", u64::MAX);
         let forged_loose = format!(
@@ -611,7 +874,7 @@ mod tests {
         let kinds: Vec<OutcomeKind> = [&forged_seq[..], forged_loose.as_bytes(), &far_future, huge]
             .iter()
             .enumerate()
-            .map(|(i, v)| p.record(1 + i as i64, v, Some(T0), &mut out).kind)
+            .map(|(i, v)| p.record(1 + i as i64, v, Some(T0), false, &mut out).kind)
             .collect();
         assert_eq!(
             kinds,
@@ -626,9 +889,9 @@ mod tests {
         // The node's next records flow.
         out.clear();
         let next = raw("a", T0 + 5_000, 11.0, "OK", "n", 2);
-        assert_eq!(p.record(5, &next, Some(T0), &mut out).kind, OutcomeKind::Filtered);
+        assert_eq!(p.record(5, &next, Some(T0), false, &mut out).kind, OutcomeKind::Filtered);
         let next = raw("a", T0 + 6_000, 12.0, "OK", "n", 3);
-        assert_eq!(p.record(6, &next, Some(T0), &mut out).kind, OutcomeKind::Filtered);
+        assert_eq!(p.record(6, &next, Some(T0), false, &mut out).kind, OutcomeKind::Filtered);
         assert_eq!(p.state().high.get("n"), Some(&3));
     }
 
@@ -641,7 +904,7 @@ mod tests {
         assert_eq!(p.state().max_event_ms, Some(T0));
         // A reading at its broker time still joins its open minute.
         let v = raw("a", T0 + 1_000, 10.0, "OK", "n", 1);
-        let o = p.record(1, &v, Some(T0 + 1_000), &mut out);
+        let o = p.record(1, &v, Some(T0 + 1_000), false, &mut out);
         assert!(!o.late);
         assert_eq!(p.open_windows(), 1);
     }
@@ -653,7 +916,7 @@ mod tests {
         let mut p = Processor::new(0, rules(), WindowState::default());
         let mut out = Vec::new();
         let value = vec![b'x'; 1_000_000];
-        assert_eq!(p.record(0, &value, Some(T0), &mut out).kind, OutcomeKind::DeadLetter("oversized"));
+        assert_eq!(p.record(0, &value, Some(T0), false, &mut out).kind, OutcomeKind::DeadLetter("oversized"));
         let Processed::DeadLetter(d) = &out[0].value else { panic!("expected a dead letter") };
         assert_eq!((d.payload.len(), d.payload_size), (DEADLETTER_PAYLOAD_MAX, 1_000_000));
         assert!(d.detail.contains("truncated") && d.detail.contains("1000000"), "{}", d.detail);
@@ -672,6 +935,9 @@ mod tests {
             Rec {
                 device: u8,
                 node: u8,
+                /// 0: an agent older than epochs; else epoch `e<n>`.
+                epoch: u8,
+                resend: bool,
                 seq: u64,
                 dt: i64,
                 temperature: f64,
@@ -704,8 +970,8 @@ mod tests {
 
         fn input() -> impl Strategy<Value = In> {
             prop_oneof![
-                8 => (0u8..4, 0u8..2, 0u64..40, -90_000i64..90_000, -20.0f64..120.0, proptest::bool::weighted(0.9))
-                    .prop_map(|(device, node, seq, dt, temperature, ok)| In::Rec { device, node, seq, dt, temperature, ok }),
+                8 => ((0u8..4, 0u8..2, 0u8..3, any::<bool>()), 0u64..40, -90_000i64..90_000, -20.0f64..120.0, proptest::bool::weighted(0.9))
+                    .prop_map(|((device, node, epoch, resend), seq, dt, temperature, ok)| In::Rec { device, node, epoch, resend, seq, dt, temperature, ok }),
                 1 => Just(In::Bad),
                 1 => (0i64..200_000).prop_map(In::Tick),
             ]
@@ -724,15 +990,17 @@ mod tests {
             inputs
                 .iter()
                 .map(|i| match i {
-                    In::Rec { device, node, seq, dt, temperature, ok } => {
+                    In::Rec { device, node, epoch, seq, dt, temperature, ok, .. } => {
                         now += 7_000;
                         let status = if *ok { "OK" } else { "FAIL" };
-                        Some(raw(
+                        let epoch = (*epoch > 0).then(|| format!("e{epoch}"));
+                        Some(raw_in(
                             &format!("d{device}"),
                             now + dt,
                             (temperature * 10.0).round() / 10.0,
                             status,
                             &format!("n{node}"),
+                            epoch.as_deref(),
                             *seq,
                         ))
                     }
@@ -749,6 +1017,10 @@ mod tests {
             T0 + 7_000 * i as i64
         }
 
+        fn resend(input: &In) -> bool {
+            matches!(input, In::Rec { resend: true, .. })
+        }
+
         fn run(p: &mut Processor, inputs: &[In], values: &[Option<Vec<u8>>], from: usize) -> Vec<(i64, Vec<u8>)> {
             let mut all = Vec::new();
             for (i, (input, value)) in inputs.iter().zip(values).enumerate().skip(from) {
@@ -758,7 +1030,7 @@ mod tests {
                         p.tick(i as i64, T0 + 7_000 * i as i64 + dt, None, &mut out);
                     }
                     (_, Some(v)) => {
-                        p.record(i as i64, v, Some(broker_time(i)), &mut out);
+                        p.record(i as i64, v, Some(broker_time(i)), resend(input), &mut out);
                     }
                     _ => unreachable!("records always have a value"),
                 }
@@ -816,7 +1088,7 @@ mod tests {
                 prop_assert_eq!(&back, with.state());
             }
 
-            /// Each (node, seq) is emitted at most once, and once everything is closed the
+            /// Each (node, epoch, seq) is emitted at most once, and once everything is closed the
             /// aggregates (on-time plus late corrections) equal the sums of the filtered readings.
             #[test]
             fn aggregates_add_up_and_nothing_is_emitted_twice(inputs in proptest::collection::vec(input(), 1..150)) {
@@ -826,7 +1098,7 @@ mod tests {
                 for (i, (input, value)) in inputs.iter().zip(&values).enumerate() {
                     match (input, value) {
                         (In::Tick(dt), _) => { p.tick(i as i64, T0 + 7_000 * i as i64 + dt, None, &mut out); }
-                        (_, Some(v)) => { p.record(i as i64, v, Some(broker_time(i)), &mut out); }
+                        (_, Some(v)) => { p.record(i as i64, v, Some(broker_time(i)), resend(input), &mut out); }
                         _ => unreachable!(),
                     }
                 }
@@ -839,7 +1111,7 @@ mod tests {
                 for e in &out {
                     match &e.value {
                         Processed::Reading(r) => {
-                            prop_assert!(seen.insert((r.node_id.to_string(), r.seq)), "emitted twice");
+                            prop_assert!(seen.insert((r.node_id.to_string(), r.epoch.as_deref().map(str::to_owned), r.seq)), "emitted twice");
                             if r.reason.is_none() {
                                 for key in [Some(r.device_id.to_string()), None] {
                                     let x = expected.entry((key, window_start(r.event_time_ms))).or_default();

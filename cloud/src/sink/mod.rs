@@ -871,6 +871,12 @@ impl SinkStage {
 }
 
 /// Identifies a seal group within its partition.
+/// The epoch of a `raw-data-dlq` entry, when well-formed (a malformed one is not trusted as an
+/// identity: the entry is kept under its node alone).
+fn dlq_epoch<'a>(d: &'a DeadLetter<'_>) -> Option<&'a str> {
+    d.epoch.as_deref().filter(|e| edgeflow_contract::is_valid_epoch(e))
+}
+
 fn group_id(g: &SealGroup) -> (i64, i64, i64) {
     (g.seal_offset, g.hour_ms, g.late_first_offset.unwrap_or(-1))
 }
@@ -929,7 +935,7 @@ impl Row<'_> {
                 family: if r.reason.is_some() { Family::Rejected } else { Family::Filtered },
                 time_ms: r.event_time_ms,
                 advances_clock: true,
-                identity: Identity::Seq { node: &r.node_id, seq: r.seq },
+                identity: Identity::Seq { node: &r.node_id, epoch: r.epoch.as_deref(), seq: r.seq },
             },
             Row::Processed(Processed::Aggregate(a)) => RowMeta {
                 family: Family::Aggregated,
@@ -958,7 +964,7 @@ impl Row<'_> {
                 time_ms: d.received_at_ms,
                 advances_clock: true,
                 identity: if i64::try_from(d.seq).is_ok() {
-                    Identity::Seq { node: &d.node_id, seq: d.seq }
+                    Identity::Seq { node: &d.node_id, epoch: dlq_epoch(d), seq: d.seq }
                 } else {
                     Identity::Unique
                 },
@@ -982,6 +988,7 @@ impl Row<'_> {
                 humidity: r.humidity,
                 status: &r.status,
                 node_id: &r.node_id,
+                epoch: r.epoch.as_deref(),
                 // process emits seqs beyond i64 as dead letters, so this never saturates.
                 seq: i64::try_from(r.seq).unwrap_or(i64::MAX),
                 reason: r.reason.map(|f| f.as_str()),
@@ -994,6 +1001,7 @@ impl Row<'_> {
                 let source = format!("{raw_topic}/{}@{}", d.source.partition, d.source.offset);
                 spool.push_deadletter(&DeadLetterRow {
                     node_id: d.node_id.as_deref(),
+                    epoch: d.epoch.as_deref(),
                     seq: d.seq.and_then(|s| i64::try_from(s).ok()),
                     reason: &d.reason,
                     payload: &d.payload,
@@ -1006,6 +1014,7 @@ impl Row<'_> {
             }
             Row::Dlq(d) => spool.push_deadletter(&DeadLetterRow {
                 node_id: Some(&d.node_id),
+                epoch: dlq_epoch(d),
                 seq: i64::try_from(d.seq).ok(),
                 reason: &d.reason,
                 payload: &d.payload,
@@ -1017,6 +1026,7 @@ impl Row<'_> {
             }),
             Row::Foreign { ts_ms, error, payload, source } => spool.push_deadletter(&DeadLetterRow {
                 node_id: None,
+                epoch: None,
                 seq: None,
                 reason: FOREIGN_RECORD,
                 payload,

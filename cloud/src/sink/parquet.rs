@@ -7,9 +7,14 @@
 //! | family | columns |
 //! |---|---|
 //! | `aggregated` | `Timestamp` (window start), `DeviceId` (null on the all-devices row), `Temperature` (avg), `TemperatureMin`, `TemperatureMax`, `Humidity` (avg), `Count`, `Late`, `TemperatureSum`, `HumiditySum` |
-//! | `filtered` | `DeviceId`, `Timestamp`, `Temperature`, `Humidity`, `Status`, `NodeId`, `Seq` |
-//! | `rejected` | the same plus `Reason` |
-//! | `deadletter` | `NodeId`, `Seq`, `Reason`, `Payload` (binary), `ReceivedAt`, `Detail`, `Source`, `PayloadSize`, `Truncated` |
+//! | `filtered` | `DeviceId`, `Timestamp`, `Temperature`, `Humidity`, `Status`, `NodeId`, `Seq`, `Epoch` |
+//! | `rejected` | the same plus `Reason`, then `Epoch` |
+//! | `deadletter` | `NodeId`, `Seq`, `Reason`, `Payload` (binary), `ReceivedAt`, `Detail`, `Source`, `PayloadSize`, `Truncated`, `Epoch` |
+//!
+//! `Epoch` (nullable, always the last column) is the agent run that committed the record: a
+//! record is `(NodeId, Epoch, Seq)`. It is null for records of agents older than epochs and in
+//! files written before it existed, which simply lack the column (an optional column added at
+//! the end, which every engine reads as null).
 //!
 //! An aggregated file has one row per (device, minute): every aggregate of a bucket with the
 //! same key is merged before writing (sums and counts add, min/max fold), so the all-devices
@@ -69,11 +74,20 @@ fn reading_fields() -> Vec<Field> {
     ]
 }
 
-static FILTERED: LazyLock<SchemaRef> = LazyLock::new(|| Arc::new(Schema::new(reading_fields())));
+fn epoch_field() -> Field {
+    Field::new("Epoch", DataType::Utf8, true)
+}
+
+static FILTERED: LazyLock<SchemaRef> = LazyLock::new(|| {
+    let mut fields = reading_fields();
+    fields.push(epoch_field());
+    Arc::new(Schema::new(fields))
+});
 
 static REJECTED: LazyLock<SchemaRef> = LazyLock::new(|| {
     let mut fields = reading_fields();
     fields.push(Field::new("Reason", DataType::Utf8, false));
+    fields.push(epoch_field());
     Arc::new(Schema::new(fields))
 });
 
@@ -88,6 +102,7 @@ static DEADLETTER: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("Source", DataType::Utf8, false),
         Field::new("PayloadSize", DataType::Int64, false),
         Field::new("Truncated", DataType::Boolean, false),
+        epoch_field(),
     ]))
 });
 
@@ -120,6 +135,7 @@ pub struct ReadingRow<'a> {
     pub humidity: f64,
     pub status: &'a str,
     pub node_id: &'a str,
+    pub epoch: Option<&'a str>,
     pub seq: i64,
     /// Set for rejected readings.
     pub reason: Option<&'a str>,
@@ -129,6 +145,7 @@ pub struct ReadingRow<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct DeadLetterRow<'a> {
     pub node_id: Option<&'a str>,
+    pub epoch: Option<&'a str>,
     pub seq: Option<i64>,
     pub reason: &'a str,
     pub payload: &'a [u8],
@@ -161,6 +178,7 @@ struct ReadingColumns {
     node: StringBuilder,
     seq: Int64Builder,
     reason: Option<StringBuilder>,
+    epoch: StringBuilder,
 }
 
 #[derive(Debug)]
@@ -174,6 +192,7 @@ struct DeadLetterColumns {
     source: StringBuilder,
     payload_size: Int64Builder,
     truncated: BooleanBuilder,
+    epoch: StringBuilder,
 }
 
 fn utc_builder() -> TimestampMillisecondBuilder {
@@ -200,6 +219,7 @@ impl Columns {
                 node: StringBuilder::new(),
                 seq: Int64Builder::new(),
                 reason: (family == Family::Rejected).then(StringBuilder::new),
+                epoch: StringBuilder::new(),
             })),
             Family::Deadletter => Self::DeadLetters(Box::new(DeadLetterColumns {
                 node: StringBuilder::new(),
@@ -211,6 +231,7 @@ impl Columns {
                 source: StringBuilder::new(),
                 payload_size: Int64Builder::new(),
                 truncated: BooleanBuilder::new(),
+                epoch: StringBuilder::new(),
             })),
             Family::Aggregated => Self::Aggregates(BTreeMap::new()),
         }
@@ -232,6 +253,7 @@ impl Columns {
                 if let Some(reason) = &mut c.reason {
                     v.push(Arc::new(reason.finish()));
                 }
+                v.push(Arc::new(c.epoch.finish()));
                 v
             }
             Self::DeadLetters(c) => vec![
@@ -244,6 +266,7 @@ impl Columns {
                 Arc::new(c.source.finish()),
                 Arc::new(c.payload_size.finish()),
                 Arc::new(c.truncated.finish()),
+                Arc::new(c.epoch.finish()),
             ],
             Self::Aggregates(map) => return aggregate_batch(std::mem::take(map).into_iter(), schema),
         };
@@ -354,6 +377,7 @@ impl SpoolFile {
             if let Some(reason) = &mut c.reason {
                 reason.append_value(r.reason.unwrap_or(""));
             }
+            c.epoch.append_option(r.epoch);
             self.appended()?;
         }
         Ok(())
@@ -371,6 +395,7 @@ impl SpoolFile {
             c.source.append_value(d.source);
             c.payload_size.append_value(d.payload_size);
             c.truncated.append_value(d.truncated);
+            c.epoch.append_option(d.epoch);
             self.appended()?;
         }
         Ok(())
@@ -493,6 +518,7 @@ mod tests {
                 humidity: 40.0,
                 status: "OK",
                 node_id: "n",
+                epoch: (i % 2 == 0).then_some("9f3c0a6e51d2b874"),
                 seq: i,
                 reason: Some("temperature_above_max"),
             })
@@ -507,7 +533,7 @@ mod tests {
         assert_eq!(groups, 3);
         assert_eq!(
             b.schema().fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>(),
-            ["DeviceId", "Timestamp", "Temperature", "Humidity", "Status", "NodeId", "Seq", "Reason"]
+            ["DeviceId", "Timestamp", "Temperature", "Humidity", "Status", "NodeId", "Seq", "Reason", "Epoch"]
         );
         assert_eq!(b.schema().field(1).data_type(), &ts());
         let seqs: Vec<i64> = b.column(6).as_primitive::<Int64Type>().values().to_vec();
@@ -515,6 +541,8 @@ mod tests {
         let times: Vec<i64> = b.column(1).as_primitive::<TimestampMillisecondType>().values().to_vec();
         assert_eq!(times[6], 1_006);
         assert_eq!(b.column(7).as_string::<i32>().value(0), "temperature_above_max");
+        let epochs = b.column(8).as_string::<i32>();
+        assert_eq!((epochs.value(0), epochs.is_null(1)), ("9f3c0a6e51d2b874", true));
     }
 
     #[test]
@@ -550,6 +578,7 @@ mod tests {
         let mut f = SpoolFile::new(Family::Deadletter, path.clone(), 100, writer_properties(100));
         f.push_deadletter(&DeadLetterRow {
             node_id: None,
+            epoch: None,
             seq: None,
             reason: "bad_json",
             payload: &[0xff, 0x00, b'{'],

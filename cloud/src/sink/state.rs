@@ -14,7 +14,7 @@
 //! # Dedup
 //! `process` may emit a value twice after a crash (at a new offset). The sink drops the second
 //! copy with high-waters kept per input partition, valid because each source emits in order:
-//! readings (and `raw-data-dlq` entries) on `(node_id, seq)`; per-device aggregates on
+//! readings (and `raw-data-dlq` entries) on `(node_id, epoch, seq)`; per-device aggregates on
 //! `(device, window)`; all-devices partials on `(source_partition, window)`; late corrections and
 //! dead letters on `(source_partition, source_offset)`.
 //!
@@ -80,8 +80,8 @@ pub struct BucketKey {
 /// What identifies a row for dedup (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Identity<'a> {
-    /// A reading or a `raw-data-dlq` entry.
-    Seq { node: &'a str, seq: u64 },
+    /// A reading or a `raw-data-dlq` entry (`epoch` `None` from agents older than epochs).
+    Seq { node: &'a str, epoch: Option<&'a str>, seq: u64 },
     /// A per-device aggregate.
     DeviceWindow { device: &'a str, window_ms: i64 },
     /// An all-devices partial.
@@ -117,7 +117,11 @@ pub enum Input<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SmallState {
     pub clock_ms: Option<i64>,
+    /// Per node, for rows without an epoch.
     pub seq_high: BTreeMap<String, u64>,
+    /// Per node and epoch (absent from checkpoints of older versions).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub epoch_high: BTreeMap<String, BTreeMap<String, u64>>,
     pub window_high: BTreeMap<String, i64>,
     pub partial_high: BTreeMap<i32, i64>,
     pub late_device_high: BTreeMap<i32, i64>,
@@ -128,7 +132,10 @@ pub struct SmallState {
 impl SmallState {
     fn is_duplicate(&self, id: &Identity<'_>) -> bool {
         match *id {
-            Identity::Seq { node, seq } => self.seq_high.get(node).is_some_and(|h| seq <= *h),
+            Identity::Seq { node, epoch: None, seq } => self.seq_high.get(node).is_some_and(|h| seq <= *h),
+            Identity::Seq { node, epoch: Some(epoch), seq } => {
+                self.epoch_high.get(node).and_then(|e| e.get(epoch)).is_some_and(|h| seq <= *h)
+            }
             Identity::DeviceWindow { device, window_ms } => {
                 self.window_high.get(device).is_some_and(|h| window_ms <= *h)
             }
@@ -148,7 +155,22 @@ impl SmallState {
 
     fn record(&mut self, id: &Identity<'_>) {
         match *id {
-            Identity::Seq { node, seq } => raise(&mut self.seq_high, node, seq),
+            Identity::Seq { node, epoch: None, seq } => raise(&mut self.seq_high, node, seq),
+            Identity::Seq { node, epoch: Some(epoch), seq } => {
+                let epochs = match self.epoch_high.get_mut(node) {
+                    Some(e) => e,
+                    None => self.epoch_high.entry(node.to_owned()).or_default(),
+                };
+                raise(epochs, epoch, seq);
+                if epochs.len() > MAX_EPOCHS_PER_NODE {
+                    // A replay repeats only recent rows: forget the epoch with the lowest `seq`
+                    // (in one buffer, the oldest run), never the one just raised.
+                    let lowest = epochs.iter().filter(|(e, _)| e.as_str() != epoch).min_by_key(|(_, h)| **h);
+                    if let Some(lowest) = lowest.map(|(e, _)| e.clone()) {
+                        epochs.remove(&lowest);
+                    }
+                }
+            }
             Identity::DeviceWindow { device, window_ms } => raise(&mut self.window_high, device, window_ms),
             Identity::Partial { source_partition, window_ms } => {
                 self.partial_high.insert(source_partition, window_ms);
@@ -164,6 +186,9 @@ impl SmallState {
         }
     }
 }
+
+/// Most epochs remembered per node (as in `process`).
+pub const MAX_EPOCHS_PER_NODE: usize = crate::process::window::MAX_EPOCHS_PER_NODE;
 
 /// Sets `map[key] = value`, allocating the key only when it is new. Called only after the
 /// duplicate check, so `value` is above the current high-water.
@@ -473,7 +498,7 @@ mod tests {
             family: Family::Filtered,
             time_ms: t,
             advances_clock: true,
-            identity: Identity::Seq { node, seq },
+            identity: Identity::Seq { node, epoch: None, seq },
         })
     }
 
@@ -660,7 +685,7 @@ mod tests {
                             family: if *family == 0 { Family::Filtered } else { Family::Rejected },
                             time_ms: base + dt,
                             advances_clock: true,
-                            identity: Identity::Seq { node: NODES[*node as usize], seq: *seq },
+                            identity: Identity::Seq { node: NODES[*node as usize], epoch: None, seq: *seq },
                         }),
                     ),
                     In::Agg { device, minute } => {

@@ -295,6 +295,21 @@ pub fn raw(device: &str, t: i64, temperature: f64, humidity: f64, status: &str, 
     RawRecord { reading, provenance: Provenance { node_id: node.into(), epoch: None, seq } }.to_json()
 }
 
+/// A raw-data value of agent run `epoch`.
+#[allow(clippy::too_many_arguments)]
+pub fn raw_in(device: &str, t: i64, temperature: f64, humidity: f64, node: &str, epoch: &str, seq: u64) -> Vec<u8> {
+    let ts = rfc3339(t);
+    let reading = Reading {
+        device_id: device.into(),
+        timestamp: ts.as_str().into(),
+        temperature,
+        humidity,
+        status: "OK".into(),
+        event_time_ms: t,
+    };
+    RawRecord { reading, provenance: Provenance { node_id: node.into(), epoch: Some(epoch.into()), seq } }.to_json()
+}
+
 /// A raw-data-dlq value as the agent writes it.
 pub fn dead_letter(node: &str, seq: u64, reason: &str, payload: &[u8], received_at_ms: i64) -> Vec<u8> {
     DeadLetter {
