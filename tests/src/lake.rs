@@ -20,6 +20,8 @@ pub struct ReadingRow {
     pub humidity: f64,
     pub status: String,
     pub node_id: String,
+    /// The agent run (`None` from files or agents older than epochs).
+    pub epoch: Option<String>,
     pub seq: i64,
     /// `rejected` only.
     pub reason: Option<String>,
@@ -29,6 +31,7 @@ pub struct ReadingRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadRow {
     pub node_id: Option<String>,
+    pub epoch: Option<String>,
     pub seq: Option<i64>,
     pub reason: String,
     pub payload: Vec<u8>,
@@ -151,6 +154,14 @@ fn strings(batch: &RecordBatch, name: &str) -> Result<Vec<Option<String>>> {
     Ok((0..a.len()).map(|i| a.is_valid(i).then(|| a.value(i).to_owned())).collect())
 }
 
+/// The optional `Epoch` column (absent from files written before it).
+fn epochs(batch: &RecordBatch) -> Result<Vec<Option<String>>> {
+    if batch.column_by_name("Epoch").is_none() {
+        return Ok(vec![None; batch.num_rows()]);
+    }
+    strings(batch, "Epoch")
+}
+
 fn floats(batch: &RecordBatch, name: &str) -> Result<Vec<f64>> {
     let c = col(batch, name)?;
     let a = c.as_primitive_opt::<Float64Type>().with_context(|| format!("{name} is not a double"))?;
@@ -180,6 +191,7 @@ fn readings(batch: &RecordBatch, rejected: bool) -> Result<Vec<ReadingRow>> {
     );
     let (status, node, seq) = (strings(batch, "Status")?, strings(batch, "NodeId")?, ints(batch, "Seq")?);
     let reason = if rejected { strings(batch, "Reason")? } else { vec![None; batch.num_rows()] };
+    let epoch = epochs(batch)?;
     Ok((0..batch.num_rows())
         .map(|i| ReadingRow {
             device_id: device[i].clone().unwrap_or_default(),
@@ -188,6 +200,7 @@ fn readings(batch: &RecordBatch, rejected: bool) -> Result<Vec<ReadingRow>> {
             humidity: h[i],
             status: status[i].clone().unwrap_or_default(),
             node_id: node[i].clone().unwrap_or_default(),
+            epoch: epoch[i].clone(),
             seq: seq[i].unwrap_or(-1),
             reason: reason[i].clone(),
         })
@@ -198,9 +211,11 @@ fn dead(batch: &RecordBatch) -> Result<Vec<DeadRow>> {
     let (node, seq, reason) = (strings(batch, "NodeId")?, ints(batch, "Seq")?, strings(batch, "Reason")?);
     let c = col(batch, "Payload")?;
     let payload = c.as_binary_opt::<i32>().context("Payload is not binary")?;
+    let epoch = epochs(batch)?;
     Ok((0..batch.num_rows())
         .map(|i| DeadRow {
             node_id: node[i].clone(),
+            epoch: epoch[i].clone(),
             seq: seq[i],
             reason: reason[i].clone().unwrap_or_default(),
             payload: payload.value(i).to_vec(),

@@ -3,7 +3,7 @@
 //! A published message is identified by its payload: valid readings and anomalies by their
 //! natural key `(device_id, timestamp)` (the simulator gives every reading a distinct
 //! microsecond timestamp), malformed payloads by their bytes. Every acknowledged message must
-//! come out exactly once — readings as records carrying `(node_id, seq)`, malformed payloads as
+//! come out exactly once — readings as records carrying `(node_id, epoch, seq)`, malformed payloads as
 //! dead letters — with its fields unchanged, and nothing may come out that was not published.
 
 use std::collections::HashMap;
@@ -36,9 +36,9 @@ pub struct EdgeVerdict {
     pub malformed: Row,
     /// Records or dead letters nobody published.
     pub unknown: usize,
-    /// `(node_id, seq)` pairs carried by two different readings.
+    /// `(node_id, epoch, seq)` identities carried by two different readings.
     pub seq_conflicts: usize,
-    /// Kafka copies with a `(node_id, seq)` already seen (re-sent after a crash; the aggregator drops them).
+    /// Kafka copies with an identity already seen (re-sent after a crash; the aggregator drops them).
     pub resent_copies: usize,
 }
 
@@ -51,19 +51,20 @@ impl EdgeVerdict {
 }
 
 /// Compares the simulator's log with the values read from `raw-data` and `raw-data-dlq`.
-/// Copies re-sent by an agent (same `(node_id, seq)`) count once; markers are ignored.
+/// Copies re-sent by an agent (same `(node_id, epoch, seq)`) count once; markers are ignored.
 pub fn check_edge(published: &[Published], raw: &[Vec<u8>], dlq: &[Vec<u8>]) -> EdgeVerdict {
     let mut v = EdgeVerdict::default();
     let limits = Limits::default();
-    // Readings out of Kafka, by natural key, keeping one copy per (node, seq).
-    let mut seen_seq: HashMap<(String, u64), (String, String)> = HashMap::new();
+    // Readings out of Kafka, by natural key, keeping one copy per (node, epoch, seq).
+    let mut seen_seq: HashMap<(String, Option<String>, u64), (String, String)> = HashMap::new();
     let mut out: HashMap<(String, String), (usize, serde_json::Value)> = HashMap::new();
     for value in raw {
         let Ok(r) = RawRecord::parse(value, &limits) else {
             v.unknown += 1;
             continue;
         };
-        let id = (r.provenance.node_id.to_string(), r.provenance.seq);
+        let p = &r.provenance;
+        let id = (p.node_id.to_string(), p.epoch.as_deref().map(str::to_owned), p.seq);
         let key = (r.reading.device_id.to_string(), r.reading.timestamp.to_string());
         match seen_seq.get(&id) {
             Some(k) if *k == key => {
@@ -84,7 +85,7 @@ pub fn check_edge(published: &[Published], raw: &[Vec<u8>], dlq: &[Vec<u8>]) -> 
         out.entry(key).or_insert((0, fields)).0 += 1;
     }
     let mut dead: HashMap<Vec<u8>, usize> = HashMap::new();
-    let mut dead_ids: std::collections::HashSet<(String, u64)> = Default::default();
+    let mut dead_ids: std::collections::HashSet<(String, Option<String>, u64)> = Default::default();
     for value in dlq {
         let Ok(d) = DeadLetter::parse(value) else {
             v.unknown += 1;
@@ -93,7 +94,7 @@ pub fn check_edge(published: &[Published], raw: &[Vec<u8>], dlq: &[Vec<u8>]) -> 
         if d.marker().is_some() {
             continue;
         }
-        if !dead_ids.insert((d.node_id.to_string(), d.seq)) {
+        if !dead_ids.insert((d.node_id.to_string(), d.epoch.as_deref().map(str::to_owned), d.seq)) {
             v.resent_copies += 1;
             continue;
         }
@@ -178,7 +179,7 @@ pub struct PipelineVerdict {
     pub malformed: Row,
     /// Rows in S3 that nobody published.
     pub unknown: usize,
-    /// `(node_id, seq)` present more than once across `filtered`, `rejected` and `deadletter`.
+    /// `(node_id, epoch, seq)` present more than once across `filtered`, `rejected` and `deadletter`.
     pub seq_duplicates: usize,
     /// (device or all-devices, minute) windows compared with the readings in S3.
     pub windows_checked: usize,
@@ -247,17 +248,17 @@ pub fn check_pipeline(published: &[Published], lake: &crate::lake::Lake) -> Pipe
     use std::collections::{BTreeMap, HashMap, HashSet};
     let mut v = PipelineVerdict { objects: lake.objects, ..PipelineVerdict::default() };
 
-    // (node, seq) unique across the three record families.
-    let mut ids: HashSet<(String, i64)> = HashSet::new();
+    // (node, epoch, seq) unique across the three record families.
+    let mut ids: HashSet<(String, Option<String>, i64)> = HashSet::new();
     let mut id_dups = 0;
     for r in lake.filtered.iter().chain(&lake.rejected) {
-        if !ids.insert((r.node_id.clone(), r.seq)) {
+        if !ids.insert((r.node_id.clone(), r.epoch.clone(), r.seq)) {
             id_dups += 1;
         }
     }
     for d in &lake.deadletter {
         if let (Some(n), Some(s)) = (&d.node_id, d.seq)
-            && !ids.insert((n.clone(), s))
+            && !ids.insert((n.clone(), d.epoch.clone(), s))
         {
             id_dups += 1;
         }
@@ -489,6 +490,7 @@ mod tests {
             humidity: v["humidity"].as_f64().expect("h"),
             status: "OK".into(),
             node_id: "n".into(),
+            epoch: None,
             seq,
             reason: None,
         }
