@@ -120,20 +120,51 @@ impl Stack {
 
     /// Starts (or restarts) the agent of `node`; `extra` is appended to its configuration.
     pub fn start_agent(&mut self, node: &str, extra: &str) -> Result<()> {
-        let config = self.path(&format!("agent-{node}.toml"));
+        self.start_agent_as(node, node, extra)
+    }
+
+    /// Starts (or restarts) agent `name` (devices `name/devices/+/telemetry`, data directory
+    /// `agent-<name>`) configured with `node_id`.
+    pub fn start_agent_as(&mut self, name: &str, node_id: &str, extra: &str) -> Result<()> {
+        let config = self.path(&format!("agent-{name}.toml"));
         let (data_dir, mqtt, kafka) =
-            (self.path(&format!("agent-{node}")), self.mosquitto.url(), self.tansu.bootstrap());
+            (self.path(&format!("agent-{name}")), self.mosquitto.url(), self.tansu.bootstrap());
         let text = |port: u16| {
             format!(
-                "node_id = \"{node}\"\ndata_dir = \"{}\"\nshutdown_timeout = \"10s\"\n\
-                 [mqtt]\nurl = \"{mqtt}\"\ntopics = [\"{node}/devices/+/telemetry\"]\nkeep_alive = \"5s\"\n\
+                "node_id = \"{node_id}\"\ndata_dir = \"{}\"\nshutdown_timeout = \"10s\"\n\
+                 [mqtt]\nurl = \"{mqtt}\"\ntopics = [\"{name}/devices/+/telemetry\"]\nkeep_alive = \"5s\"\n\
                  reconnect_backoff_max = \"1s\"\n[kafka]\nbrokers = \"{kafka}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n{extra}",
                 data_dir.display(),
             )
         };
-        let port = restart_port(&mut self.agents, node, &config, text)?;
+        let port = restart_port(&mut self.agents, name, &config, text)?;
         let service = Service::start(&self.agent_bin, &["run"], &config, port, &[])?;
-        self.agents.insert(node.to_owned(), service);
+        self.agents.insert(name.to_owned(), service);
+        Ok(())
+    }
+
+    /// Clones node `of` as a host imaged from it would be: stops its agent, copies its data
+    /// directory (buffer included) to agent `name`, restarts it, and starts `name` with the same
+    /// `node_id` — two live writers of one node, continuing from the same `seq`.
+    pub fn start_clone(&mut self, name: &str, of: &str) -> Result<()> {
+        let agent = self.agents.get_mut(of).with_context(|| format!("no agent {of}"))?;
+        agent.terminate(Duration::from_secs(20)).with_context(|| format!("agent {of} did not stop"))?;
+        let (from, to) = (self.path(&format!("agent-{of}")), self.path(&format!("agent-{name}")));
+        std::fs::create_dir_all(&to)?;
+        for entry in std::fs::read_dir(&from)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+            }
+        }
+        self.start_agent(of, "")?;
+        self.start_agent_as(name, of, "")
+    }
+
+    /// Stops agent `name` gracefully (it forwards what it holds first) and forgets it.
+    pub fn stop_agent(&mut self, name: &str) -> Result<()> {
+        let mut agent = self.agents.remove(name).with_context(|| format!("no agent {name}"))?;
+        agent.terminate(Duration::from_secs(30)).with_context(|| format!("agent {name} did not stop"))?;
         Ok(())
     }
 

@@ -255,6 +255,10 @@ async fn rebalance_a_second_aggregator_joins_then_one_leaves() -> anyhow::Result
 
 /// 6. Hostile input at 10% of traffic: malformed, oversized, wrong-typed and non-UTF-8 payloads,
 /// NaN/Infinity, timestamps far in the past and future; all accounted for in the dead letters.
+/// And a third of the way in, the node is cloned (a host imaged from it, buffer included): a
+/// second agent with its `node_id`, continuing from the same `seq`, writes beside it. Every
+/// reading of both is in S3 once (each run has its own epoch), and the aggregator reports the
+/// two writers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_at_ten_percent_is_dead_lettered_and_accounted_for() -> anyhow::Result<()> {
     let total = secs(30, 300);
@@ -262,8 +266,17 @@ async fn hostile_input_at_ten_percent_is_dead_lettered_and_accounted_for() -> an
     stack.start_aggregator("one")?;
     stack.start_agent("edge", "")?;
     // bad_fraction 0.2: half anomalies (kept as rejected records), half malformed (10%).
-    let publishers = vec![stack.publisher("edge", load(20, 300.0, total, 0.2, 9, past(60)))];
+    let mut publishers = vec![stack.publisher("edge", load(20, 300.0, total, 0.2, 9, past(60)))];
+    tokio::time::sleep(total / 3).await;
+    stack.start_clone("twin", "edge")?;
+    publishers.push(stack.publisher("twin", load(10, 150.0, total / 3, 0.2, 19, past(60))));
     let verdict = finish(&stack, publishers, SETTLE).await?;
+    let conflicts = stack.aggregators["one"].metric("edgeflow_aggregator_node_writer_conflicts_total");
+    assert!(conflicts >= 1.0, "two writers of node edge were not reported: {conflicts}");
+    let report = stack.verify()?;
+    let edge = report["nodes"].as_array().and_then(|n| n.iter().find(|n| n["node_id"] == "edge")).cloned();
+    let lineages = edge.as_ref().and_then(|n| n["lineages"].as_u64()).unwrap_or(0);
+    assert!(lineages >= 2, "verify checks the clone as a lineage of its own: {edge:?}");
     let share = verdict.malformed.acknowledged as f64
         / (verdict.malformed.acknowledged + verdict.valid.acknowledged + verdict.anomalies.acknowledged) as f64;
     assert!((0.07..0.13).contains(&share), "about 10% malformed: {share}");
