@@ -582,6 +582,35 @@ mod tests {
         assert_eq!(m.clock_ms(), Some(H0 + 60_000), "process dead letters do not move the clock");
     }
 
+    /// Class 7 of issue 10, in the sink: readings of a second epoch of a node below the first
+    /// epoch's `seq`s are new rows; only a copy within its own epoch is a duplicate.
+    #[test]
+    fn readings_deduplicate_per_node_and_epoch() {
+        let many: Vec<String> = (0..MAX_EPOCHS_PER_NODE + 5).map(|e| format!("e{e}")).collect();
+        let mut m = PartitionSink::new(GRACE, 0, SinkState::default());
+        let of = |epoch, seq| {
+            Input::Row(RowMeta {
+                family: Family::Filtered,
+                time_ms: H0 + 1_000,
+                advances_clock: true,
+                identity: Identity::Seq { node: "n", epoch, seq },
+            })
+        };
+        assert!(matches!(m.apply(0, of(Some("a"), 100)).decision, Some(Decision::Into { .. })));
+        assert!(matches!(m.apply(1, of(Some("b"), 50)).decision, Some(Decision::Into { .. })));
+        assert!(matches!(m.apply(2, of(None, 10)).decision, Some(Decision::Into { .. })));
+        assert_eq!(m.apply(3, of(Some("a"), 100)).decision, Some(Decision::Duplicate));
+        assert_eq!(m.apply(4, of(Some("b"), 49)).decision, Some(Decision::Duplicate));
+        assert_eq!(m.apply(5, of(None, 10)).decision, Some(Decision::Duplicate));
+        for (e, epoch) in many.iter().enumerate() {
+            m.apply(6 + e as i64, of(Some(epoch), 1_000 + e as u64));
+        }
+        // Bounded per node: the epochs with the lowest `seq` ("b", "a", then e0…) are forgotten.
+        let offset = 10 + many.len() as i64;
+        assert_eq!(m.apply(offset, of(Some(&many[20]), 1_020)).decision, Some(Decision::Duplicate));
+        assert!(matches!(m.apply(offset + 1, of(Some("b"), 50)).decision, Some(Decision::Into { .. })));
+    }
+
     #[test]
     fn checkpoint_points_at_the_oldest_bucket_not_in_s3() {
         let mut m = PartitionSink::new(GRACE, 0, SinkState::default());
