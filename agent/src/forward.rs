@@ -22,8 +22,18 @@
 //! fails every queued message) leaves the entry in the buffer. The forwarder then waits for
 //! every in-flight report, recreates the producer if it is in a fatal state, backs off, and
 //! rewinds to the oldest buffered entry. Entries delivered before the failure may be sent again
-//! if their deletion was not yet committed; they carry the same `(node_id, seq)`, so downstream
-//! drops them.
+//! if their deletion was not yet committed; they carry the same `(node_id, epoch, seq)`, so
+//! downstream drops them.
+//!
+//! # Re-sends are marked
+//!
+//! Downstream tells a re-send from a producer reusing a `seq` by a mark, not by guessing: the
+//! forwarder sets the Kafka header [`RESEND_HEADER`] (`edgeflow-resend: 1`) on every entry it may
+//! have handed to Kafka before — an entry committed by an earlier run (its `seq` is below the
+//! run's first, [`crate::buffer::Shared::run_first_seq`]; that run may have sent it before it
+//! stopped) or, after a rewind, an entry below the furthest the cursor had reached. An entry sent
+//! for the first time carries no header. `process` drops a record at or below its epoch's
+//! high-water only when it is marked; unmarked, it is dead-lettered as `seq_regression`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -35,6 +45,9 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+
+use edgeflow_contract::RESEND_HEADER;
+use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::buffer::entry::{self, Kind};
 use crate::buffer::{Command, Shared};
@@ -202,6 +215,8 @@ pub async fn run(fwd: Forward, shutdown: CancellationToken, drain_timeout: Durat
     let chunk = max_in_flight.clamp(1, 4096);
 
     let mut cursor = 0u64; // next seq to read from the buffer
+    // Entries below this may have been sent before: by an earlier run, or before a rewind.
+    let mut resend_below = fwd.shared.run_first_seq.load(Ordering::Relaxed);
     let mut in_flight = 0usize;
     let mut delivered: Vec<u64> = Vec::new();
     let mut failed = false;
@@ -275,6 +290,7 @@ pub async fn run(fwd: Forward, shutdown: CancellationToken, drain_timeout: Durat
                 _ = shutdown.cancelled() => continue,
             }
             backoff = (backoff * 2).min(Duration::from_secs(30));
+            resend_below = resend_below.max(cursor);
             cursor = 0;
             tail.clear();
             failed = false;
@@ -307,8 +323,16 @@ pub async fn run(fwd: Forward, shutdown: CancellationToken, drain_timeout: Durat
                     let take = batch.len().min(room);
                     let rest = batch.split_off(take);
                     let chunk = std::mem::replace(batch, rest);
-                    let sent =
-                        send_entries(&fwd, &producer, &chunk, &mut cursor, &mut in_flight, &mut delivered, &mut failed);
+                    let sent = send_entries(
+                        &fwd,
+                        &producer,
+                        &chunk,
+                        resend_below,
+                        &mut cursor,
+                        &mut in_flight,
+                        &mut delivered,
+                        &mut failed,
+                    );
                     sent_any |= sent > 0;
                     room -= sent;
                     if sent < chunk.len() {
@@ -339,7 +363,16 @@ pub async fn run(fwd: Forward, shutdown: CancellationToken, drain_timeout: Durat
                 cursor = cursor.max(next_seq);
             }
             let full = rows.len() >= room.min(chunk);
-            let sent = send_entries(&fwd, &producer, &rows, &mut cursor, &mut in_flight, &mut delivered, &mut failed);
+            let sent = send_entries(
+                &fwd,
+                &producer,
+                &rows,
+                resend_below,
+                &mut cursor,
+                &mut in_flight,
+                &mut delivered,
+                &mut failed,
+            );
             sent_any |= sent > 0;
             fwd.metrics.kafka_in_flight.set(in_flight as i64);
             if full && sent == rows.len() && !failed {
@@ -371,12 +404,15 @@ pub async fn run(fwd: Forward, shutdown: CancellationToken, drain_timeout: Durat
     }
 }
 
-/// Hands entries to the producer in order, advancing the cursor. Returns how many were taken
-/// (fewer than given if librdkafka's queue is full or an entry is refused).
+/// Hands entries to the producer in order, advancing the cursor, and marks those below
+/// `resend_below` as possible re-sends. Returns how many were taken (fewer than given if
+/// librdkafka's queue is full or an entry is refused).
+#[allow(clippy::too_many_arguments)]
 fn send_entries(
     fwd: &Forward,
     producer: &KafkaProducer,
     rows: &[(u64, Vec<u8>)],
+    resend_below: u64,
     cursor: &mut u64,
     in_flight: &mut usize,
     delivered: &mut Vec<u64>,
@@ -415,7 +451,10 @@ fn send_entries(
         let flight =
             Box::new(InFlight { seq: *seq, kind: e.kind, produced: Instant::now(), received_ms: e.received_ms });
         let value = bounded.as_deref().unwrap_or(e.value);
-        let record = BaseRecord::with_opaque_to(topic, flight).key(e.key).payload(value);
+        let mut record = BaseRecord::with_opaque_to(topic, flight).key(e.key).payload(value);
+        if *seq < resend_below {
+            record = record.headers(OwnedHeaders::new().insert(Header { key: RESEND_HEADER, value: Some("1") }));
+        }
         match producer.send(record) {
             Ok(()) => {
                 *in_flight += 1;

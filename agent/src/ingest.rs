@@ -88,7 +88,7 @@ pub fn classify(topic: &str, payload: &[u8], dup: bool, received_ms: i64, node_i
                 natural_hash: xxh3_64(&natural),
                 payload_hash,
                 device_id: reading.device_id.as_bytes().to_vec(),
-                json_until_seq: json,
+                json_head: json,
                 received_ms,
             }
         }
@@ -395,12 +395,12 @@ mod tests {
     fn valid_payload_becomes_a_record_keyed_by_device() {
         let payload = br#"{"device_id": "device123", "timestamp": "2024-12-26T10:00:00Z", "temperature": 72.5, "humidity": 55.2, "status": "OK"}"#;
         let a = classify("devices/device123/telemetry", payload, false, NOW, "pve-1", &rules());
-        let Append::Record { device_id, json_until_seq, natural_hash, received_ms, .. } = a else {
+        let Append::Record { device_id, json_head, natural_hash, received_ms, .. } = a else {
             panic!("expected a record")
         };
         assert_eq!(device_id, b"device123");
         assert_eq!(received_ms, NOW);
-        let mut json = json_until_seq;
+        let mut json = json_head;
         RawRecord::finish_json(None, 9, &mut json);
         let r = RawRecord::parse(&json, &Limits::default()).expect("valid raw record");
         assert_eq!((r.provenance.node_id.as_ref(), r.provenance.seq, r.reading.temperature), ("pve-1", 9, 72.5));

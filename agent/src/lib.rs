@@ -105,7 +105,7 @@ pub async fn run_with(
         tracing::warn!(previous = %prev, current = %settings.node_id, "the buffer was written under another node_id; buffered entries keep the old one");
     }
     let stats = store.stats();
-    tracing::info!(path = %path.display(), entries = stats.count, bytes = stats.bytes, next_seq = stats.next_seq, "buffer opened");
+    tracing::info!(path = %path.display(), entries = stats.count, bytes = stats.bytes, next_seq = stats.next_seq, epoch = store.epoch(), "buffer opened");
 
     let listener = edgeflow_runtime::status::bind(settings.metrics.listen)
         .await

@@ -108,6 +108,9 @@ pub struct Shared {
     last_error: Mutex<Option<String>>,
     /// Wakes the forwarder after each commit that added entries.
     pub committed: tokio::sync::Notify,
+    /// The first `seq` of this run: entries below it were committed (and maybe sent) by an
+    /// earlier run. Set before the buffer thread starts.
+    pub run_first_seq: AtomicU64,
 }
 
 /// Entries just committed, handed to the forwarder so it need not read them back.
@@ -206,6 +209,7 @@ where
 {
     let (tx, rx) = flume::unbounded();
     let reserve = reserve::Reserve::new(store.path(), reserve::RESERVE_BYTES);
+    shared.run_first_seq.store(store.run_first_seq(), Ordering::Relaxed);
     let thread = BufferThread { store, reserve, opts, metrics, shared, tail, on_commit, rx };
     // Before the thread starts, so the status server never shows the buffer's gauges at zero.
     thread.publish_stats();
@@ -583,7 +587,7 @@ mod tests {
             natural_hash: i,
             payload_hash: i,
             device_id: b"d".to_vec(),
-            json_until_seq: format!(r#"{{"device_id":"d","i":{i},"seq":"#).into_bytes(),
+            json_head: format!(r#"{{"device_id":"d","i":{i},"#).into_bytes(),
             received_ms: now_ms(),
         }
     }

@@ -71,7 +71,7 @@ pub struct StoreOptions {
 #[derive(Debug, Clone)]
 pub enum Append {
     /// A valid reading, already encoded up to `"seq":`.
-    Record { natural_hash: u64, payload_hash: u64, device_id: Vec<u8>, json_until_seq: Vec<u8>, received_ms: i64 },
+    Record { natural_hash: u64, payload_hash: u64, device_id: Vec<u8>, json_head: Vec<u8>, received_ms: i64 },
     /// A refused payload.
     DeadLetter {
         natural_hash: u64,
@@ -220,11 +220,34 @@ pub struct Store {
     /// After the filesystem ran out of space: room (bytes) to keep free inside the file for
     /// deletions, which appends may not use (see [`Store::set_disk_guard`]).
     disk_guard: Option<u64>,
+    /// This run's epoch (see [`new_epoch`]), written into every entry it commits.
+    epoch: String,
+    /// The first `seq` this run assigned (`next_seq` when it opened the buffer): entries below
+    /// it were committed by an earlier run, which may have sent them.
+    run_first_seq: Option<u64>,
+}
+
+/// A fresh epoch: 16 lowercase hex digits from the OS's random source. Each run of the agent
+/// (each time it opens its buffer) draws one, so a restored or copied buffer file, or a second
+/// agent with the same `node_id`, never produces an identity `(node_id, epoch, seq)` another
+/// run used, whatever `seq` it continues from.
+pub fn new_epoch() -> String {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness (never seen on Linux): time and pid still make a collision unlikely.
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        bytes = (xxhash_rust::xxh3::xxh3_64(&nanos.to_le_bytes()) ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).field("stats", &self.stats).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("epoch", &self.epoch)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
     }
 }
 
@@ -241,6 +264,8 @@ impl Store {
             stats: Stats::default(),
             dedup: DedupMap::default(),
             disk_guard: None,
+            epoch: new_epoch(),
+            run_first_seq: None,
         };
         let opened = contained(|| store.open_db(now_ms))?;
         Ok((store, opened))
@@ -301,6 +326,8 @@ impl Store {
         txn.commit().map_err(txn_err)?;
         self.db = Some(db);
         self.load()?;
+        // Reopening after a failed commit continues the same run.
+        self.run_first_seq.get_or_insert(self.stats.next_seq);
         if let Some(first) = opened.created {
             let marker = DeadLetterDraft {
                 reason: MarkerKind::BufferCreated.as_str().into(),
@@ -368,6 +395,8 @@ impl Store {
             stats: Stats::default(),
             dedup: DedupMap::default(),
             disk_guard: None,
+            epoch: new_epoch(),
+            run_first_seq: None,
         };
         store.load()?;
         Ok(store)
@@ -431,6 +460,16 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// This run's epoch.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// The first `seq` this run assigned; entries below it were committed by an earlier run.
+    pub fn run_first_seq(&self) -> u64 {
+        self.run_first_seq.unwrap_or(self.stats.next_seq)
     }
 
     /// Applies one group commit: delete delivered entries, then append in order. Durable when it
@@ -506,15 +545,15 @@ impl Store {
                 let seq = stats.next_seq;
                 value.clear();
                 let bytes = match append {
-                    Append::Record { device_id, json_until_seq, received_ms, .. } => {
-                        value.extend_from_slice(json_until_seq);
-                        RawRecord::finish_json(None, seq, &mut value);
+                    Append::Record { device_id, json_head, received_ms, .. } => {
+                        value.extend_from_slice(json_head);
+                        RawRecord::finish_json(Some(&self.epoch), seq, &mut value);
                         entry::encode(Kind::Record, *received_ms, device_id, &value)
                     }
                     Append::DeadLetter { draft, received_ms, .. } => {
                         let dl = DeadLetter {
                             node_id: self.node_id.as_str().into(),
-                            epoch: None,
+                            epoch: Some(self.epoch.as_str().into()),
                             seq,
                             reason: draft.reason.as_str().into(),
                             detail: draft.detail.as_str().into(),
@@ -529,7 +568,7 @@ impl Store {
                     Append::HighWater { received_ms } => {
                         let dl = DeadLetter {
                             node_id: self.node_id.as_str().into(),
-                            epoch: None,
+                            epoch: Some(self.epoch.as_str().into()),
                             seq,
                             reason: MarkerKind::HighWater.as_str().into(),
                             detail: format!("complete through seq {}", seq.saturating_sub(1)).into(),
@@ -718,7 +757,7 @@ mod tests {
             natural_hash: natural,
             payload_hash,
             device_id: device.as_bytes().to_vec(),
-            json_until_seq: format!(r#"{{"device_id":"{device}","ts":{ts},"seq":"#).into_bytes(),
+            json_head: format!(r#"{{"device_id":"{device}","ts":{ts},"#).into_bytes(),
             received_ms: NOW + i64::from(ts),
         }
     }
@@ -747,6 +786,52 @@ mod tests {
         store.set_disk_guard(None);
         let applied = store.apply(&[], &[record("d", 2, 2)]).expect("commit");
         assert!(matches!(seqs(&applied)[..], [Outcome::Stored { .. }]));
+    }
+
+    /// Issue 10, class 7: each run of the agent (each open) writes its own epoch into what it
+    /// commits, so a restored or copied file continuing from an old `seq` never reuses an
+    /// identity; what an earlier run committed keeps that run's epoch.
+    #[test]
+    fn each_open_is_a_new_epoch_carried_by_every_entry_it_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("buffer.redb");
+        let (mut first, _) = open(dir.path(), opts(1 << 20, WhenFull::Block));
+        let e1 = first.epoch().to_owned();
+        assert!(edgeflow_contract::is_valid_epoch(&e1) && e1.len() == 16, "{e1}");
+        first.apply(&[], &[record("d", 1, 1)]).expect("commit");
+        let copy = dir.path().join("copy.redb");
+        drop(first);
+        std::fs::copy(&path, &copy).expect("copy");
+        let (mut second, _) = open(dir.path(), opts(1 << 20, WhenFull::Block));
+        let e2 = second.epoch().to_owned();
+        assert_ne!(e1, e2);
+        let resume = second.stats().next_seq;
+        assert_eq!(second.run_first_seq(), resume, "entries below it were committed by an earlier run");
+        second.apply(&[], &[record("d", 2, 2)]).expect("commit");
+        let epochs = |store: &Store| -> Vec<(u64, Option<String>)> {
+            store
+                .read(0, 100, usize::MAX)
+                .expect("read")
+                .iter()
+                .map(|(seq, bytes)| {
+                    let e = entry::decode(bytes).expect("entry");
+                    let v: serde_json::Value = serde_json::from_slice(e.value).expect("json");
+                    (*seq, v["epoch"].as_str().map(str::to_owned))
+                })
+                .collect()
+        };
+        let got = epochs(&second);
+        assert_eq!(got.len(), 3, "marker, a record of each run: {got:?}");
+        assert!(got[..2].iter().all(|(_, e)| e.as_deref() == Some(e1.as_str())), "{got:?}");
+        assert_eq!(got[2], (resume, Some(e2.clone())));
+        drop(second);
+        // The copy, opened again (a restored backup, a cloned host): the same seq, a new epoch.
+        let (mut restored, _) = Store::open(&copy, "pve-1", opts(1 << 20, WhenFull::Block), NOW).expect("opens");
+        assert_eq!(restored.stats().next_seq, resume);
+        restored.apply(&[], &[record("d", 3, 3)]).expect("commit");
+        let last = epochs(&restored).pop().expect("an entry");
+        assert_eq!(last.0, resume);
+        assert!(last.1.as_deref().is_some_and(|e| e != e1 && e != e2), "{last:?}");
     }
 
     #[test]
@@ -785,12 +870,12 @@ mod tests {
                 Outcome::Stored { seq: base + 3 }
             ]
         );
-        // The value carries the seq.
+        // The value carries the run's epoch and the seq.
         let rows = store.read(base + 3, 1, usize::MAX).expect("read");
         let e = entry::decode(&rows[0].1).expect("entry");
         assert_eq!(
             std::str::from_utf8(e.value).expect("utf8"),
-            format!(r#"{{"device_id":"d2","ts":2,"seq":{}}}"#, base + 3)
+            format!(r#"{{"device_id":"d2","ts":2,"epoch":"{}","seq":{}}}"#, store.epoch(), base + 3)
         );
     }
 
@@ -883,7 +968,7 @@ mod tests {
     #[test]
     fn deletes_free_quota_and_block_defers_in_order() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut store, _) = open(dir.path(), opts(400, WhenFull::Block));
+        let (mut store, _) = open(dir.path(), opts(520, WhenFull::Block));
         let marker_bytes = store.stats().bytes;
         let mut stored = Vec::new();
         let mut i = 0;
@@ -896,7 +981,7 @@ mod tests {
             }
             i += 1;
         }
-        assert!(store.stats().bytes <= 400 && store.stats().bytes > marker_bytes);
+        assert!(store.stats().bytes <= 520 && store.stats().bytes > marker_bytes);
         // Once one append is deferred, everything after it is deferred too.
         let a = store.apply(&[], &[record("d", 100, 1), record("x", 0, 1)]).expect("commit");
         assert_eq!(a.outcomes, vec![Outcome::Deferred, Outcome::Deferred]);
@@ -904,7 +989,7 @@ mod tests {
         let a = store.apply(&stored[..2], &[record("d", 100, 1)]).expect("commit");
         assert_eq!(a.deleted, 2);
         assert!(matches!(a.outcomes[0], Outcome::Stored { .. }));
-        assert!(store.stats().bytes <= 400);
+        assert!(store.stats().bytes <= 520);
     }
 
     #[test]
