@@ -1,6 +1,7 @@
 //! Harness for the agent's tests: real mosquitto and tansu, the agent as a child process.
 #![allow(dead_code)]
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -141,7 +142,10 @@ pub struct Got {
     pub offset: i64,
     pub key: String,
     pub node_id: String,
+    pub epoch: Option<String>,
     pub seq: u64,
+    /// Carries the `edgeflow-resend` header (the agent may have sent it before).
+    pub resend: bool,
     pub device_id: String,
     pub timestamp: String,
     pub temperature: f64,
@@ -161,7 +165,9 @@ pub fn read_raw(bootstrap: &str, count: usize, timeout: Duration) -> Result<Vec<
                 offset: m.offset,
                 key: String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned(),
                 node_id: r.provenance.node_id.into_owned(),
+                epoch: r.provenance.epoch.map(Cow::into_owned),
                 seq: r.provenance.seq,
+                resend: m.headers.iter().any(|(k, _)| k == edgeflow_contract::RESEND_HEADER),
                 device_id: r.reading.device_id.into_owned(),
                 timestamp: r.reading.timestamp.into_owned(),
                 temperature: r.reading.temperature,
@@ -203,15 +209,17 @@ pub fn natural_key(payload: &str) -> Option<(String, String)> {
     Some((v.get("device_id")?.as_str()?.to_owned(), v.get("timestamp")?.as_str()?.to_owned()))
 }
 
-/// Checks that every acknowledged reading is in `got`, that no reading has two seqs, and that
-/// per device the records are in order. Returns the number of extra copies (same seq again).
+/// Checks that every acknowledged reading is in `got`, that no reading has two identities
+/// `(epoch, seq)` and no identity two readings, and that per device and epoch the records are
+/// in order. Returns the number of extra copies (the same identity again).
 pub fn check_complete(acked: &[&Published], got: &[Got]) -> usize {
-    let mut seq_of: HashMap<(String, String), u64> = HashMap::new();
+    let mut id_of: HashMap<(String, String), (Option<String>, u64)> = HashMap::new();
     let mut copies = 0;
     for g in got {
-        match seq_of.insert((g.device_id.clone(), g.timestamp.clone()), g.seq) {
-            Some(prev) if prev != g.seq => {
-                panic!("reading {}/{} has two seqs: {prev} and {}", g.device_id, g.timestamp, g.seq)
+        let id = (g.epoch.clone(), g.seq);
+        match id_of.insert((g.device_id.clone(), g.timestamp.clone()), id.clone()) {
+            Some(prev) if prev != id => {
+                panic!("reading {}/{} has two identities: {prev:?} and {id:?}", g.device_id, g.timestamp)
             }
             Some(_) => copies += 1,
             None => {}
@@ -219,11 +227,11 @@ pub fn check_complete(acked: &[&Published], got: &[Got]) -> usize {
     }
     for p in acked {
         let key = natural_key(&p.payload).expect("valid payload");
-        assert!(seq_of.contains_key(&key), "acknowledged reading lost: {}", p.payload);
+        assert!(id_of.contains_key(&key), "acknowledged reading lost: {}", p.payload);
     }
-    let distinct: HashSet<u64> = got.iter().map(|g| g.seq).collect();
-    assert_eq!(distinct.len(), seq_of.len(), "a seq was given to two readings");
-    // Per device: one partition, and first copies in increasing seq order.
+    let distinct: HashSet<(Option<&str>, u64)> = got.iter().map(|g| (g.epoch.as_deref(), g.seq)).collect();
+    assert_eq!(distinct.len(), id_of.len(), "an identity was given to two readings");
+    // Per device: one partition, and per epoch first copies in increasing seq order.
     let mut per_device: HashMap<&str, Vec<&Got>> = HashMap::new();
     for g in got {
         per_device.entry(&g.device_id).or_default().push(g);
@@ -231,14 +239,18 @@ pub fn check_complete(acked: &[&Published], got: &[Got]) -> usize {
     for records in per_device.values_mut() {
         records.sort_by_key(|g| g.offset);
         assert!(records.windows(2).all(|w| w[0].partition == w[1].partition), "a device moved partition");
-        let mut high = 0;
+        let mut high: HashMap<Option<&str>, u64> = HashMap::new();
+        let mut seen: HashSet<(Option<&str>, u64)> = HashSet::new();
         for g in records.iter() {
-            if g.seq > high {
-                high = g.seq;
+            let id = (g.epoch.as_deref(), g.seq);
+            let h = high.entry(id.0).or_default();
+            if g.seq > *h {
+                *h = g.seq;
             } else {
                 // A copy re-sent after a crash: never a reading seen for the first time.
-                assert!(seq_of.values().any(|&s| s == g.seq));
+                assert!(seen.contains(&id), "{}/{} first seen below its epoch's high-water", g.device_id, g.seq);
             }
+            seen.insert(id);
         }
     }
     copies
