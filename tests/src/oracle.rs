@@ -188,6 +188,9 @@ pub struct PipelineVerdict {
     pub objects: usize,
     /// `(device_id, timestamp)` of the first missing readings, for diagnosis.
     pub missing_examples: Vec<(String, String)>,
+    /// The first acknowledged malformed payloads without a dead letter, and dead letters nobody
+    /// published (reason, node, payload), quoted, for diagnosis.
+    pub malformed_examples: Vec<String>,
 }
 
 impl PipelineVerdict {
@@ -308,7 +311,13 @@ pub fn check_pipeline(published: &[Published], lake: &crate::lake::Lake) -> Pipe
                     dead[i].1 = true;
                     row.delivered_once += 1;
                 }
-                None => row.missing += 1,
+                None => {
+                    row.missing += 1;
+                    if v.malformed_examples.len() < 10 {
+                        let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(120)]).into_owned();
+                        v.malformed_examples.push(format!("no dead letter for {shown:?} ({} bytes)", bytes.len()));
+                    }
+                }
             }
             continue;
         }
@@ -362,6 +371,16 @@ pub fn check_pipeline(published: &[Published], lake: &crate::lake::Lake) -> Pipe
     }
     v.unknown =
         rows.keys().filter(|k| !published_keys.contains(*k)).count() + dead.iter().filter(|(_, used)| !used).count();
+    let rows_of_dead = lake.deadletter.iter().filter(|d| edgeflow_contract::MarkerKind::from_name(&d.reason).is_none());
+    for (d, (_, used)) in rows_of_dead.zip(&dead) {
+        if !used && v.malformed_examples.len() < 20 {
+            let shown = String::from_utf8_lossy(&d.payload[..d.payload.len().min(120)]).into_owned();
+            v.malformed_examples.push(format!(
+                "dead letter nobody published: {} {:?}/{:?}/{:?}: {shown:?}",
+                d.reason, d.node_id, d.epoch, d.seq
+            ));
+        }
+    }
 
     // Aggregates: recompute per (device, minute) and per minute across devices from the
     // filtered readings in S3, and compare with the aggregated rows summed over every file.

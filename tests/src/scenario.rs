@@ -53,8 +53,9 @@ pub async fn finish(
         let last = verdict;
         if started.elapsed() > settle {
             bail!(
-                "the pipeline did not settle in {settle:?}: {}\n{}\n{}",
+                "the pipeline did not settle in {settle:?}: {}\n{}\n{}\n{}",
                 last.summary(),
+                last.malformed_examples.join("\n"),
                 trace(stack, &last),
                 stack.logs()
             );

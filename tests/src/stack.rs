@@ -132,7 +132,8 @@ impl Stack {
         let text = |port: u16| {
             format!(
                 "node_id = \"{node_id}\"\ndata_dir = \"{}\"\nshutdown_timeout = \"10s\"\n\
-                 [mqtt]\nurl = \"{mqtt}\"\ntopics = [\"{name}/devices/+/telemetry\"]\nkeep_alive = \"5s\"\n\
+                 [mqtt]\nurl = \"{mqtt}\"\nclient_id = \"edgeflow-agent-{name}\"\n\
+                 topics = [\"{name}/devices/+/telemetry\"]\nkeep_alive = \"5s\"\n\
                  reconnect_backoff_max = \"1s\"\n[kafka]\nbrokers = \"{kafka}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n{extra}",
                 data_dir.display(),
             )
@@ -145,7 +146,9 @@ impl Stack {
 
     /// Clones node `of` as a host imaged from it would be: stops its agent, copies its data
     /// directory (buffer included) to agent `name`, restarts it, and starts `name` with the same
-    /// `node_id` — two live writers of one node, continuing from the same `seq`.
+    /// `node_id` — two live writers of one node, continuing from the same `seq`. (Each agent has
+    /// its own MQTT client id, as each host has its own broker: two clients with one id on one
+    /// broker take the session from each other.)
     pub fn start_clone(&mut self, name: &str, of: &str) -> Result<()> {
         let agent = self.agents.get_mut(of).with_context(|| format!("no agent {of}"))?;
         agent.terminate(Duration::from_secs(20)).with_context(|| format!("agent {of} did not stop"))?;
