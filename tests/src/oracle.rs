@@ -112,13 +112,18 @@ pub fn check_edge(published: &[Published], raw: &[Vec<u8>], dlq: &[Vec<u8>]) -> 
             // Dead letters keep the payload (truncated beyond the agent's bound).
             let bytes = p.bytes();
             let bytes = bytes.as_slice();
-            let found = dead
-                .iter_mut()
-                .find(|(k, n)| **n > 0 && (k.as_slice() == bytes || (k.len() < bytes.len() && bytes.starts_with(k))))
-                .map(|(_, n)| {
-                    *n -= 1;
-                    *n
-                });
+            // The same bytes first (a short dead letter is also a prefix of longer payloads).
+            let key = match dead.get(bytes).is_some_and(|n| *n > 0) {
+                true => Some(bytes.to_vec()),
+                false => dead
+                    .iter()
+                    .find(|(k, n)| **n > 0 && k.len() < bytes.len() && bytes.starts_with(k))
+                    .map(|(k, _)| k.clone()),
+            };
+            let found = key.and_then(|k| dead.get_mut(&k)).map(|n| {
+                *n -= 1;
+                *n
+            });
             match found {
                 Some(_) => v.malformed.delivered_once += 1,
                 None => v.malformed.missing += 1,
@@ -298,15 +303,12 @@ pub fn check_pipeline(published: &[Published], lake: &crate::lake::Lake) -> Pipe
             }
             row.acknowledged += 1;
             let bytes = p.bytes();
-            let hits: Vec<usize> = dead
-                .iter()
-                .enumerate()
-                .filter(|(_, (d, used))| {
-                    !used && (*d == bytes.as_slice() || (d.len() < bytes.len() && bytes.starts_with(d)))
-                })
-                .map(|(i, _)| i)
-                .collect();
-            match hits.first() {
+            // The same bytes first: a short dead letter (`{`) is also a prefix of longer payloads,
+            // and taking it for one of them would leave its own payload without a match.
+            let exact = dead.iter().position(|(d, used)| !used && *d == bytes.as_slice());
+            let prefix =
+                || dead.iter().position(|(d, used)| !used && d.len() < bytes.len() && bytes.starts_with(d));
+            match exact.or_else(prefix).as_ref() {
                 Some(&i) => {
                     dead[i].1 = true;
                     row.delivered_once += 1;
