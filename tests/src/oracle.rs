@@ -306,8 +306,7 @@ pub fn check_pipeline(published: &[Published], lake: &crate::lake::Lake) -> Pipe
             // The same bytes first: a short dead letter (`{`) is also a prefix of longer payloads,
             // and taking it for one of them would leave its own payload without a match.
             let exact = dead.iter().position(|(d, used)| !used && *d == bytes.as_slice());
-            let prefix =
-                || dead.iter().position(|(d, used)| !used && d.len() < bytes.len() && bytes.starts_with(d));
+            let prefix = || dead.iter().position(|(d, used)| !used && d.len() < bytes.len() && bytes.starts_with(d));
             match exact.or_else(prefix).as_ref() {
                 Some(&i) => {
                     dead[i].1 = true;
