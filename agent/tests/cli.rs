@@ -130,7 +130,7 @@ fn buffer_commands_inspect_verify_export_and_refuse_damage() {
                 natural_hash: 100 + i,
                 payload_hash: 100 + i,
                 device_id: b"d".to_vec(),
-                json_head: format!("{{\"device_id\":\"d\",\"i\":{i},\"seq\":").into_bytes(),
+                json_head: format!("{{\"device_id\":\"d\",\"i\":{i},").into_bytes(),
                 received_ms: 1_700_000_000_000,
             })
             .collect();

@@ -133,7 +133,7 @@ async fn verify_json_reports_missing_duplicates_and_mismatches() -> Result<()> {
     assert_eq!(report["objects"], 2);
     assert_eq!(
         report["totals"],
-        serde_json::json!({"records": 3, "missing": 0, "duplicates": 0, "stale_nodes": 0, "absent_nodes": []})
+        serde_json::json!({"records": 3, "missing": 0, "duplicates": 0, "regressions": 0, "stale_nodes": 0, "absent_nodes": []})
     );
     assert_eq!(report["nodes"][0]["node_id"], "pve-1");
     assert_eq!(report["nodes"][0]["high_water_seq"], serde_json::Value::Null);
